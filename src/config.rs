@@ -1,0 +1,517 @@
+//! Configuration: the raw, documented serde structs and their validation into [`Settings`].
+//!
+//! Layering, lowest first: built-in defaults (the `default_*` functions below) < the config file
+//! (`--config FILE`, TOML) < environment variables `SEGSTREAM__SECTION__KEY` (for example
+//! `SEGSTREAM__KAFKA__BROKERS=host:9092`) < command-line flags. The result is validated once into
+//! [`Settings`]; nothing else reads configuration, and there is no global config.
+
+use crate::event::Source;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// Kafka connection, topics and client properties.
+    pub kafka: KafkaConfig,
+    /// How input messages are decoded and validated.
+    pub decode: DecodeConfig,
+    /// How segment changes are encoded.
+    pub output: OutputConfig,
+    /// Per-user feature computation.
+    pub features: FeatureConfig,
+    /// The online models.
+    pub model: ModelConfig,
+    /// The consume → apply → deliver pipeline.
+    pub pipeline: PipelineConfig,
+    /// The HTTP endpoint (metrics, health).
+    pub http: HttpConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`.
+    pub brokers: String,
+    /// Consumer group id; all instances of one deployment share it.
+    pub group_id: String,
+    /// Topic names.
+    pub topics: TopicsConfig,
+    /// librdkafka properties applied to every client (security, tuning): the escape hatch, e.g.
+    /// `"security.protocol" = "SASL_SSL"`. Set after segstream's own properties, so they win.
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only.
+    pub consumer_properties: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: default_brokers(),
+            group_id: "segstream".into(),
+            topics: TopicsConfig::default(),
+            properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// A local single broker, as a developer runs one; production sets this in the file or env.
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Input: click events.
+    pub clickstream: String,
+    /// Input: purchase events.
+    pub purchases: String,
+    /// Input: social events.
+    pub social: String,
+    /// Output: segment changes (key = user id).
+    pub segment_changes: String,
+    /// Output: messages that could not be used, with headers saying why.
+    pub dead_letter: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            clickstream: "clickstream".into(),
+            purchases: "purchases".into(),
+            social: "social".into(),
+            segment_changes: "segment-changes".into(),
+            dead_letter: "segstream-dead-letter".into(),
+        }
+    }
+}
+
+/// Wire format of one input topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireFormat {
+    /// Avro binary behind the Confluent header: magic byte 0, a 4-byte big-endian schema id.
+    Avro,
+    /// One JSON object with the schema's field names.
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// Messages larger than this many bytes are dead-lettered unread.
+    pub max_message_bytes: usize,
+    /// Events stamped further in the future than this (relative to the wall clock) are rejected.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// Events older than this (relative to the wall clock) are rejected.
+    #[serde(with = "humantime_serde")]
+    pub max_event_age: Duration,
+    /// Wire format per input topic.
+    pub formats: PerSource<WireFormat>,
+    /// Confluent schema-registry id that each topic's writer schema has. A message carrying another
+    /// id is dead-lettered as `unknown_schema_id`.
+    pub schema_ids: PerSource<u32>,
+}
+
+/// One value per input topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerSource<T> {
+    pub clickstream: T,
+    pub purchases: T,
+    pub social: T,
+}
+
+impl<T: Copy> PerSource<T> {
+    pub fn get(&self, source: Source) -> T {
+        match source {
+            Source::Clickstream => self.clickstream,
+            Source::Purchases => self.purchases,
+            Source::Social => self.social,
+        }
+    }
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            // librdkafka's default message.max.bytes.
+            max_message_bytes: 1_000_000,
+            // Producers' clocks drift by seconds, not minutes.
+            max_future_skew: Duration::from_secs(300),
+            // Kafka's default retention is 7 days; a month covers a generous backlog.
+            max_event_age: Duration::from_secs(30 * 86_400),
+            formats: PerSource {
+                clickstream: WireFormat::Avro,
+                purchases: WireFormat::Avro,
+                social: WireFormat::Avro,
+            },
+            // Ids a fresh schema registry hands out when the three schemas are registered in order.
+            schema_ids: PerSource {
+                clickstream: 1,
+                purchases: 2,
+                social: 3,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Wire format of segment changes.
+    pub format: WireFormat,
+    /// Schema id written in the Confluent header of Avro segment changes.
+    pub schema_id: u32,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            format: WireFormat::Avro,
+            schema_id: 4,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeatureConfig {
+    /// Half-life of the exponentially decayed counts and sums, in event time.
+    #[serde(with = "humantime_serde")]
+    pub half_life: Duration,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        // A week: long enough to span a shopping cycle, short enough to follow a change of habit.
+        Self {
+            half_life: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Number of segments (k-means centroids).
+    pub k: usize,
+    /// Seed of every random choice the models make.
+    pub seed: u64,
+    /// Distinct users whose vectors are gathered before k-means++ seeds the centroids.
+    pub init_users: usize,
+    /// Events seen before seeding, so the sampled users' vectors carry some history.
+    pub init_events: u64,
+    /// Events per k-means mini-batch.
+    pub batch_size: usize,
+    /// A user moves to a nearer segment only if it is closer than the current one by this
+    /// fraction (0.1 = 10 % closer), so users on a border do not flap.
+    pub hysteresis: f64,
+    /// Base learning rate of the AdaGrad SGD regression.
+    pub sgd_learning_rate: f64,
+    /// L2 penalty of the SGD regression.
+    pub sgd_l2: f64,
+    /// Standardised features are clipped to +/- this many standard deviations.
+    pub clip_z: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            // Six behaviours marketing teams typically act on; configurable per deployment.
+            k: 6,
+            seed: 42,
+            // Enough users for k-means++ to see every common behaviour before it picks centroids.
+            init_users: 400,
+            // Ten events per sampled user on average.
+            init_events: 4_000,
+            // Small batches keep centroids fresh; 64 amortises the update over many events.
+            batch_size: 64,
+            hysteresis: 0.1,
+            // AdaGrad is robust to the base rate; 0.05 converges within a few thousand orders.
+            sgd_learning_rate: 0.05,
+            sgd_l2: 1e-4,
+            // Beyond 5 sigma a value says "extreme" and nothing more.
+            clip_z: 5.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Messages processed but whose outputs are not yet confirmed delivered; the consumer waits
+    /// when this many are in flight (back-pressure).
+    pub max_in_flight: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        // About 10 ms of input at 1M events/s: bounds memory and redelivery after a crash.
+        Self {
+            max_in_flight: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`. Port 0 picks a free port.
+    pub bind: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        // Loopback only by default; 9464 is the port range Prometheus exporters use.
+        Self {
+            bind: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// Why a configuration was refused. One variant per rule; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("kafka.brokers: must not be empty")]
+    NoBrokers,
+    #[error("kafka.group_id: must not be empty")]
+    NoGroup,
+    #[error("kafka.topics.{0}: must not be empty")]
+    EmptyTopic(&'static str),
+    #[error("kafka.topics: `{0}` is used for two purposes; every topic must be distinct")]
+    DuplicateTopic(String),
+    #[error("decode.max_message_bytes: must be at least 64")]
+    MessageLimit,
+    #[error("features.half_life: must be at least one second")]
+    HalfLife,
+    #[error("model.k: must be between 2 and 256, got {0}")]
+    K(usize),
+    #[error("model.init_users: must be at least model.k ({k}), got {got}")]
+    InitUsers { k: usize, got: usize },
+    #[error("model.init_events: must be at least model.init_users ({users}), got {got}")]
+    InitEvents { users: usize, got: u64 },
+    #[error("model.batch_size: must be at least 1")]
+    BatchSize,
+    #[error("model.hysteresis: must be in [0, 1), got {0}")]
+    Hysteresis(f64),
+    #[error("model.{0}: must be a finite number > 0")]
+    Positive(&'static str),
+    #[error("model.sgd_l2: must be a finite number >= 0")]
+    L2,
+    #[error("pipeline.max_in_flight: must be at least 1")]
+    InFlight,
+    #[error("http.bind: `{0}` is not an address like 127.0.0.1:9464")]
+    Bind(String),
+}
+
+/// Validated configuration. Only built by [`RawConfig::validate`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub kafka: KafkaConfig,
+    pub decode: DecodeConfig,
+    pub output: OutputConfig,
+    pub features: FeatureConfig,
+    pub model: ModelConfig,
+    pub pipeline: PipelineConfig,
+    pub http_bind: SocketAddr,
+}
+
+impl Settings {
+    /// Topic name of an input source.
+    pub fn topic(&self, source: Source) -> &str {
+        let t = &self.kafka.topics;
+        match source {
+            Source::Clickstream => &t.clickstream,
+            Source::Purchases => &t.purchases,
+            Source::Social => &t.social,
+        }
+    }
+
+    /// The input source a topic name belongs to.
+    pub fn source_of(&self, topic: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|s| self.topic(*s) == topic)
+    }
+}
+
+impl RawConfig {
+    /// Defaults < `file` < `SEGSTREAM__*` environment. CLI flags are merged by the caller with
+    /// [`RawConfig::load_with`].
+    pub fn load(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
+        Self::load_with(file, Figment::new())
+    }
+
+    /// Like [`RawConfig::load`], with `overrides` (CLI flags) merged last.
+    pub fn load_with(file: Option<&Path>, overrides: Figment) -> Result<RawConfig, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(RawConfig::default()));
+        if let Some(file) = file {
+            fig = fig.merge(Toml::file_exact(file));
+        }
+        fig = fig
+            .merge(Env::prefixed("SEGSTREAM__").split("__"))
+            .merge(overrides);
+        fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(ConfigError::NoBrokers);
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(ConfigError::NoGroup);
+        }
+        let topics = [
+            ("clickstream", &k.topics.clickstream),
+            ("purchases", &k.topics.purchases),
+            ("social", &k.topics.social),
+            ("segment_changes", &k.topics.segment_changes),
+            ("dead_letter", &k.topics.dead_letter),
+        ];
+        for (i, (key, name)) in topics.iter().enumerate() {
+            if name.trim().is_empty() {
+                return Err(ConfigError::EmptyTopic(key));
+            }
+            if topics[..i].iter().any(|(_, other)| other == name) {
+                return Err(ConfigError::DuplicateTopic((*name).clone()));
+            }
+        }
+        if self.decode.max_message_bytes < 64 {
+            return Err(ConfigError::MessageLimit);
+        }
+        if self.features.half_life < Duration::from_secs(1) {
+            return Err(ConfigError::HalfLife);
+        }
+        let m = &self.model;
+        if !(2..=256).contains(&m.k) {
+            return Err(ConfigError::K(m.k));
+        }
+        if m.init_users < m.k {
+            return Err(ConfigError::InitUsers {
+                k: m.k,
+                got: m.init_users,
+            });
+        }
+        if m.init_events < m.init_users as u64 {
+            return Err(ConfigError::InitEvents {
+                users: m.init_users,
+                got: m.init_events,
+            });
+        }
+        if m.batch_size == 0 {
+            return Err(ConfigError::BatchSize);
+        }
+        if !(0.0..1.0).contains(&m.hysteresis) {
+            return Err(ConfigError::Hysteresis(m.hysteresis));
+        }
+        for (key, v) in [
+            ("sgd_learning_rate", m.sgd_learning_rate),
+            ("clip_z", m.clip_z),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::Positive(key));
+            }
+        }
+        if !(m.sgd_l2.is_finite() && m.sgd_l2 >= 0.0) {
+            return Err(ConfigError::L2);
+        }
+        if self.pipeline.max_in_flight == 0 {
+            return Err(ConfigError::InFlight);
+        }
+        let http_bind = self
+            .http
+            .bind
+            .parse()
+            .map_err(|_| ConfigError::Bind(self.http.bind.clone()))?;
+        Ok(Settings {
+            kafka: self.kafka,
+            decode: self.decode,
+            output: self.output,
+            features: self.features,
+            model: self.model,
+            pipeline: self.pipeline,
+            http_bind,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let s = RawConfig::default().validate().unwrap();
+        assert_eq!(s.source_of("purchases"), Some(Source::Purchases));
+        assert_eq!(s.source_of("segment-changes"), None);
+    }
+
+    #[test]
+    fn shipped_default_file_matches_builtin_defaults() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/segstream.toml");
+        let raw = RawConfig::load(Some(&file)).unwrap();
+        let builtin = RawConfig::default();
+        assert_eq!(
+            serde_json::to_value(&raw).unwrap(),
+            serde_json::to_value(&builtin).unwrap()
+        );
+    }
+
+    #[test]
+    fn each_rule_names_its_key() {
+        let mut raw = RawConfig::default();
+        raw.model.k = 1;
+        assert!(raw
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("model.k"));
+
+        let mut raw = RawConfig::default();
+        raw.kafka.topics.dead_letter = "clickstream".into();
+        assert!(matches!(
+            raw.validate(),
+            Err(ConfigError::DuplicateTopic(t)) if t == "clickstream"
+        ));
+
+        let mut raw = RawConfig::default();
+        raw.http.bind = "nowhere".into();
+        assert!(raw
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("http.bind"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_and_overrides_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[kafka]\nbrokerz = \"x\"\n").unwrap();
+        let err = RawConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("brokerz"), "{err}");
+
+        std::fs::write(&path, "[kafka]\nbrokers = \"file:1\"\ngroup_id = \"g\"\n").unwrap();
+        let raw = RawConfig::load_with(
+            Some(&path),
+            Figment::new().merge(("kafka.brokers", "cli:2")),
+        )
+        .unwrap();
+        assert_eq!(raw.kafka.brokers, "cli:2");
+        assert_eq!(raw.kafka.group_id, "g");
+    }
+}

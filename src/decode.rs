@@ -1,0 +1,441 @@
+//! Decoding and validation of input messages: bytes in, a valid [`Event`] or a [`DecodeError`] out.
+//!
+//! This is the only module that parses input bytes, so the decoding strategy can change in one
+//! place. It is pure: no Kafka, no clock (the caller passes `now`), and it never panics on any
+//! input (a property test feeds it arbitrary bytes).
+
+use crate::config::{DecodeConfig, WireFormat};
+use crate::event::{ClickEvent, Event, OrderStatus, PurchaseEvent, SocialEvent, Source};
+use crate::schema::{self, CONFLUENT_HEADER_LEN};
+use apache_avro::reader::datum::GenericDatumReader;
+
+/// Largest allocation a single Avro message may ask for (an array or string length prefix).
+/// Larger claims are malformed input, not a reason to exhaust memory.
+const MAX_AVRO_ALLOCATION: usize = 16 << 20;
+
+/// Why a message could not be used. Each variant has a stable low-cardinality [`code`](Self::code)
+/// used as the metric label and in the dead-letter headers.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("message has no payload")]
+    Empty,
+    #[error("not Confluent-framed Avro: expected magic byte 0 and a 4-byte schema id")]
+    BadMagic,
+    #[error("schema id {got} is not the configured id {expected} for this topic")]
+    UnknownSchemaId { got: u32, expected: u32 },
+    #[error("invalid avro: {0}")]
+    InvalidAvro(String),
+    #[error("invalid json: {0}")]
+    InvalidJson(String),
+    #[error("missing field: {0}")]
+    MissingField(String),
+    #[error("user_id is empty")]
+    EmptyUserId,
+    #[error("event_id is empty")]
+    EmptyEventId,
+    #[error("{0} is not a finite number")]
+    NonFinite(&'static str),
+    #[error("{0} is negative")]
+    Negative(&'static str),
+    #[error("quantity must be > 0 in a placed order")]
+    BadQuantity,
+    #[error("order has no line items")]
+    NoItems,
+    #[error("rating must be between 1 and 5")]
+    BadRating,
+    #[error("event time is {skew_ms} ms away from now, outside the allowed range")]
+    EventTimeOutOfRange { skew_ms: i64 },
+}
+
+impl DecodeError {
+    /// Stable code for metrics labels and dead-letter headers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::Empty => "empty",
+            DecodeError::BadMagic => "bad_magic",
+            DecodeError::UnknownSchemaId { .. } => "unknown_schema_id",
+            DecodeError::InvalidAvro(_) => "invalid_avro",
+            DecodeError::InvalidJson(_) => "invalid_json",
+            DecodeError::MissingField(_) => "missing_field",
+            DecodeError::EmptyUserId => "empty_user_id",
+            DecodeError::EmptyEventId => "empty_event_id",
+            DecodeError::NonFinite(_) => "non_finite",
+            DecodeError::Negative(_) => "negative_value",
+            DecodeError::BadQuantity => "bad_quantity",
+            DecodeError::NoItems => "no_items",
+            DecodeError::BadRating => "bad_rating",
+            DecodeError::EventTimeOutOfRange { .. } => "event_time_out_of_range",
+        }
+    }
+
+    /// Every code, for documentation and for pre-registering metric series.
+    pub const CODES: [&'static str; 15] = [
+        "too_large",
+        "empty",
+        "bad_magic",
+        "unknown_schema_id",
+        "invalid_avro",
+        "invalid_json",
+        "missing_field",
+        "empty_user_id",
+        "empty_event_id",
+        "non_finite",
+        "negative_value",
+        "bad_quantity",
+        "no_items",
+        "bad_rating",
+        "event_time_out_of_range",
+    ];
+}
+
+/// Decodes and validates messages of the three input topics. Build once, reuse per message.
+pub struct Decoder {
+    config: DecodeConfig,
+    readers: [GenericDatumReader<'static>; 3],
+}
+
+fn index(source: Source) -> usize {
+    match source {
+        Source::Clickstream => 0,
+        Source::Purchases => 1,
+        Source::Social => 2,
+    }
+}
+
+impl Decoder {
+    pub fn new(config: DecodeConfig) -> Self {
+        apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
+        let reader = |s: Source| {
+            GenericDatumReader::builder(schema::input(s))
+                .build()
+                .expect("bundled schema resolves")
+        };
+        Self {
+            config,
+            readers: [
+                reader(Source::Clickstream),
+                reader(Source::Purchases),
+                reader(Source::Social),
+            ],
+        }
+    }
+
+    /// Decodes a message of `source` in the topic's configured format and validates it.
+    /// `now_ms` is the wall clock for the event-time range check; `None` skips that check (replay
+    /// of history, where there is no meaningful "now").
+    pub fn decode(
+        &self,
+        source: Source,
+        payload: &[u8],
+        now_ms: Option<i64>,
+    ) -> Result<Event, DecodeError> {
+        if payload.len() > self.config.max_message_bytes {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                limit: self.config.max_message_bytes,
+            });
+        }
+        if payload.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let event = match self.config.formats.get(source) {
+            WireFormat::Avro => self.decode_avro(source, payload)?,
+            WireFormat::Json => decode_json(source, payload)?,
+        };
+        validate(&event)?;
+        if let Some(now) = now_ms {
+            self.check_time(event.event_time(), now)?;
+        }
+        Ok(event)
+    }
+
+    fn decode_avro(&self, source: Source, payload: &[u8]) -> Result<Event, DecodeError> {
+        if payload.len() < CONFLUENT_HEADER_LEN || payload[0] != 0 {
+            return Err(DecodeError::BadMagic);
+        }
+        let got = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        let expected = self.config.schema_ids.get(source);
+        if got != expected {
+            return Err(DecodeError::UnknownSchemaId { got, expected });
+        }
+        let mut body = &payload[CONFLUENT_HEADER_LEN..];
+        let reader = &self.readers[index(source)];
+        let avro_err = |e: apache_avro::Error| DecodeError::InvalidAvro(e.to_string());
+        let event = match source {
+            Source::Clickstream => Event::Click(reader.read_deser(&mut body).map_err(avro_err)?),
+            Source::Purchases => Event::Purchase(reader.read_deser(&mut body).map_err(avro_err)?),
+            Source::Social => Event::Social(reader.read_deser(&mut body).map_err(avro_err)?),
+        };
+        if !body.is_empty() {
+            return Err(DecodeError::InvalidAvro(format!(
+                "{} bytes left after the record",
+                body.len()
+            )));
+        }
+        Ok(event)
+    }
+
+    fn check_time(&self, event_ms: i64, now_ms: i64) -> Result<(), DecodeError> {
+        let skew_ms = event_ms.saturating_sub(now_ms);
+        let future = i64::try_from(self.config.max_future_skew.as_millis()).unwrap_or(i64::MAX);
+        let past = i64::try_from(self.config.max_event_age.as_millis()).unwrap_or(i64::MAX);
+        if skew_ms > future || skew_ms < -past {
+            return Err(DecodeError::EventTimeOutOfRange { skew_ms });
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one JSON object of `source` (the NDJSON form used by replay as well).
+pub fn decode_json(source: Source, payload: &[u8]) -> Result<Event, DecodeError> {
+    fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+        serde_json::from_slice(payload).map_err(|e| {
+            let msg = e.to_string();
+            if msg.starts_with("missing field") {
+                DecodeError::MissingField(msg)
+            } else {
+                DecodeError::InvalidJson(msg)
+            }
+        })
+    }
+    Ok(match source {
+        Source::Clickstream => Event::Click(parse::<ClickEvent>(payload)?),
+        Source::Purchases => Event::Purchase(parse::<PurchaseEvent>(payload)?),
+        Source::Social => Event::Social(parse::<SocialEvent>(payload)?),
+    })
+}
+
+fn finite_non_negative(field: &'static str, v: f64) -> Result<(), DecodeError> {
+    if !v.is_finite() {
+        Err(DecodeError::NonFinite(field))
+    } else if v < 0.0 {
+        Err(DecodeError::Negative(field))
+    } else {
+        Ok(())
+    }
+}
+
+fn finite_embedding(e: &Option<Vec<f32>>) -> Result<(), DecodeError> {
+    match e {
+        Some(v) if v.iter().any(|x| !x.is_finite()) => Err(DecodeError::NonFinite("embedding")),
+        _ => Ok(()),
+    }
+}
+
+/// The semantic rules every event must satisfy, whatever its wire format.
+pub fn validate(event: &Event) -> Result<(), DecodeError> {
+    if event.user_id().trim().is_empty() {
+        return Err(DecodeError::EmptyUserId);
+    }
+    if event.event_id().is_empty() {
+        return Err(DecodeError::EmptyEventId);
+    }
+    match event {
+        Event::Click(c) => {
+            finite_non_negative("price", c.price)?;
+            if c.dwell_ms < 0 {
+                return Err(DecodeError::Negative("dwell_ms"));
+            }
+            finite_embedding(&c.embedding)?;
+        }
+        Event::Purchase(p) => {
+            if p.items.is_empty() {
+                return Err(DecodeError::NoItems);
+            }
+            finite_non_negative("total", p.total)?;
+            for item in &p.items {
+                finite_non_negative("unit_price", item.unit_price)?;
+                match p.status {
+                    OrderStatus::Placed if item.quantity <= 0 => {
+                        return Err(DecodeError::BadQuantity)
+                    }
+                    _ if item.quantity < 0 => return Err(DecodeError::Negative("quantity")),
+                    _ => {}
+                }
+            }
+        }
+        Event::Social(s) => {
+            if let Some(r) = s.rating {
+                if !(1..=5).contains(&r) {
+                    return Err(DecodeError::BadRating);
+                }
+            }
+            finite_embedding(&s.embedding)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::encode_event;
+    use crate::event::{ClickKind, LineItem};
+    use proptest::prelude::*;
+
+    fn click() -> ClickEvent {
+        ClickEvent {
+            event_id: "e1".into(),
+            user_id: "u1".into(),
+            event_time: 1_700_000_000_000,
+            session_id: "s1".into(),
+            kind: ClickKind::AddToCart,
+            product_id: "p1".into(),
+            category: "home".into(),
+            price: 12.5,
+            dwell_ms: 3000,
+            search_text: None,
+            embedding: Some(vec![0.5, -1.0]),
+        }
+    }
+
+    fn purchase() -> PurchaseEvent {
+        PurchaseEvent {
+            event_id: "e2".into(),
+            user_id: "u1".into(),
+            event_time: 1_700_000_000_000,
+            order_id: "o1".into(),
+            status: OrderStatus::Placed,
+            items: vec![LineItem {
+                product_id: "p1".into(),
+                category: "home".into(),
+                quantity: 2,
+                unit_price: 3.0,
+                description: Some("MUG".into()),
+            }],
+            total: 6.0,
+            currency: "GBP".into(),
+        }
+    }
+
+    fn decoder() -> Decoder {
+        Decoder::new(DecodeConfig::default())
+    }
+
+    #[test]
+    fn avro_and_json_round_trip() {
+        let d = decoder();
+        let cfg = DecodeConfig::default();
+        for event in [Event::Click(click()), Event::Purchase(purchase())] {
+            let src = event.source();
+            let avro = encode_event(&event, WireFormat::Avro, cfg.schema_ids.get(src));
+            assert_eq!(d.decode(src, &avro, None).unwrap(), event);
+            let json = encode_event(&event, WireFormat::Json, 0);
+            assert_eq!(decode_json(src, &json).unwrap(), event);
+        }
+    }
+
+    #[test]
+    fn each_rule_has_its_code() {
+        let d = decoder();
+        let id = DecodeConfig::default().schema_ids.clickstream;
+        let code = |e: Event| {
+            let bytes = encode_event(&e, WireFormat::Avro, id);
+            d.decode(e.source(), &bytes, Some(1_700_000_000_000))
+                .unwrap_err()
+                .code()
+        };
+        let mut c = click();
+        c.user_id = " ".into();
+        assert_eq!(code(Event::Click(c)), "empty_user_id");
+        let mut c = click();
+        c.price = f64::NAN;
+        assert_eq!(code(Event::Click(c)), "non_finite");
+        let mut c = click();
+        c.price = -1.0;
+        assert_eq!(code(Event::Click(c)), "negative_value");
+        let mut c = click();
+        c.event_time += 3_600_000;
+        assert_eq!(code(Event::Click(c)), "event_time_out_of_range");
+
+        let id = DecodeConfig::default().schema_ids.purchases;
+        let mut p = purchase();
+        p.items[0].quantity = 0;
+        let bytes = encode_event(&Event::Purchase(p.clone()), WireFormat::Avro, id);
+        assert_eq!(
+            d.decode(Source::Purchases, &bytes, None)
+                .unwrap_err()
+                .code(),
+            "bad_quantity"
+        );
+        p.status = OrderStatus::Cancelled;
+        let bytes = encode_event(&Event::Purchase(p), WireFormat::Avro, id);
+        assert!(d.decode(Source::Purchases, &bytes, None).is_ok());
+
+        // A click framed with the purchases schema id is refused before it is read.
+        let bytes = encode_event(&Event::Click(click()), WireFormat::Avro, id);
+        assert_eq!(
+            d.decode(Source::Clickstream, &bytes, None)
+                .unwrap_err()
+                .code(),
+            "unknown_schema_id"
+        );
+        assert_eq!(
+            d.decode(Source::Clickstream, b"{}", None)
+                .unwrap_err()
+                .code(),
+            "bad_magic"
+        );
+        assert_eq!(
+            d.decode(Source::Clickstream, b"", None).unwrap_err().code(),
+            "empty"
+        );
+        assert_eq!(
+            decode_json(Source::Social, br#"{"event_id":"x"}"#)
+                .unwrap_err()
+                .code(),
+            "missing_field"
+        );
+    }
+
+    #[test]
+    fn truncated_and_padded_avro_is_invalid() {
+        let d = decoder();
+        let id = DecodeConfig::default().schema_ids.purchases;
+        let bytes = encode_event(&Event::Purchase(purchase()), WireFormat::Avro, id);
+        let short = &bytes[..bytes.len() - 3];
+        assert_eq!(
+            d.decode(Source::Purchases, short, None).unwrap_err().code(),
+            "invalid_avro"
+        );
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(
+            d.decode(Source::Purchases, &long, None).unwrap_err().code(),
+            "invalid_avro"
+        );
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_unread() {
+        let cfg = DecodeConfig {
+            max_message_bytes: 100,
+            ..DecodeConfig::default()
+        };
+        let d = Decoder::new(cfg);
+        assert_eq!(
+            d.decode(Source::Social, &[0u8; 101], None)
+                .unwrap_err()
+                .code(),
+            "too_large"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), src in 0usize..3) {
+            let d = decoder();
+            let source = Source::ALL[src];
+            // Confluent-framed garbage with the right id reaches the Avro reader itself.
+            let mut framed = schema::confluent_frame(DecodeConfig::default().schema_ids.get(source), &bytes);
+            let _ = d.decode(source, &bytes, Some(0));
+            let _ = d.decode(source, &framed, Some(0));
+            framed.truncate(framed.len() / 2);
+            let _ = d.decode(source, &framed, None);
+            let _ = decode_json(source, &bytes);
+        }
+    }
+}

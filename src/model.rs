@@ -1,0 +1,469 @@
+//! The online models: a running standardiser, mini-batch k-means (segments) and AdaGrad SGD
+//! linear regression (predicted value). Pure and deterministic: seeded RNG, no clock, no I/O.
+
+use crate::features::{Vector, DIM, FEATURE_NAMES};
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Running mean and variance per feature (Welford), used to standardise vectors.
+#[derive(Clone, Debug)]
+pub struct Scaler {
+    n: f64,
+    mean: Vector,
+    m2: Vector,
+    clip_z: f64,
+}
+
+impl Scaler {
+    pub fn new(clip_z: f64) -> Self {
+        Self {
+            n: 0.0,
+            mean: [0.0; DIM],
+            m2: [0.0; DIM],
+            clip_z,
+        }
+    }
+
+    /// Welford: `mean += (x - mean) / n; m2 += (x - mean_old) * (x - mean_new)`.
+    pub fn observe(&mut self, x: &Vector) {
+        self.n += 1.0;
+        for i in 0..DIM {
+            let d = x[i] - self.mean[i];
+            self.mean[i] += d / self.n;
+            self.m2[i] += d * (x[i] - self.mean[i]);
+        }
+    }
+
+    /// `z = clamp((x - mean) / sd, ±clip_z)`; a feature with no spread yet maps to 0.
+    pub fn transform(&self, x: &Vector) -> Vector {
+        let mut z = [0.0; DIM];
+        if self.n < 2.0 {
+            return z;
+        }
+        for i in 0..DIM {
+            let sd = (self.m2[i] / self.n).sqrt();
+            if sd > 1e-9 {
+                z[i] = ((x[i] - self.mean[i]) / sd).clamp(-self.clip_z, self.clip_z);
+            }
+        }
+        z
+    }
+}
+
+/// Squared Euclidean distance.
+fn dist2(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Distances from one point to the centroids, nearest first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Nearest {
+    pub best: usize,
+    pub best_dist: f64,
+    pub second_dist: f64,
+}
+
+/// Mini-batch k-means with per-centroid counts (Sculley 2010).
+///
+/// Before seeding it gathers the latest vectors of the first `init_users` users; once `init_events`
+/// events have been seen it seeds with k-means++ (seeded RNG) and refines with a few Lloyd passes
+/// over that sample. Centroid ids are row indices and never change.
+#[derive(Clone, Debug)]
+pub struct KMeans {
+    k: usize,
+    seed: u64,
+    init_users: usize,
+    init_events: u64,
+    batch_size: usize,
+    /// Raw (unstandardised) vectors of the first users, in first-seen order.
+    sample: Vec<Vector>,
+    sample_index: std::collections::HashMap<String, usize>,
+    events_seen: u64,
+    centroids: Option<Array2<f64>>,
+    counts: Vec<f64>,
+    batch_sums: Array2<f64>,
+    batch_counts: Vec<f64>,
+    batch_len: usize,
+    /// Number of mini-batches applied (the model version).
+    updates: u64,
+}
+
+impl KMeans {
+    pub fn new(
+        k: usize,
+        seed: u64,
+        init_users: usize,
+        init_events: u64,
+        batch_size: usize,
+    ) -> Self {
+        Self {
+            k,
+            seed,
+            init_users,
+            init_events,
+            batch_size,
+            sample: Vec::with_capacity(init_users),
+            sample_index: Default::default(),
+            events_seen: 0,
+            centroids: None,
+            counts: vec![0.0; k],
+            batch_sums: Array2::zeros((k, DIM)),
+            batch_counts: vec![0.0; k],
+            batch_len: 0,
+            updates: 0,
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn is_seeded(&self) -> bool {
+        self.centroids.is_some()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.updates
+    }
+
+    pub fn centroids(&self) -> Option<&Array2<f64>> {
+        self.centroids.as_ref()
+    }
+
+    /// Records a user's latest raw vector while the model is not yet seeded; seeds it (with the
+    /// scaler's current statistics) once enough users and events have been seen.
+    pub fn observe_unseeded(&mut self, user: &str, raw: &Vector, scaler: &Scaler) {
+        self.events_seen += 1;
+        match self.sample_index.get(user) {
+            Some(&i) => self.sample[i] = *raw,
+            None if self.sample.len() < self.init_users => {
+                self.sample_index.insert(user.to_owned(), self.sample.len());
+                self.sample.push(*raw);
+            }
+            None => {}
+        }
+        if self.sample.len() >= self.init_users && self.events_seen >= self.init_events {
+            let points: Vec<Vector> = self.sample.iter().map(|x| scaler.transform(x)).collect();
+            self.seed_from(&points);
+            self.sample = Vec::new();
+            self.sample_index = Default::default();
+        }
+    }
+
+    /// k-means++ on `points`, then Lloyd passes; counts start at the cluster sizes.
+    fn seed_from(&mut self, points: &[Vector]) {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        let mut c = Array2::zeros((self.k, DIM));
+        let first = rng.random_range(0..points.len());
+        c.row_mut(0)
+            .assign(&ndarray::ArrayView1::from(&points[first][..]));
+        let mut d2: Vec<f64> = points.iter().map(|p| dist2(p, &points[first])).collect();
+        for j in 1..self.k {
+            let total: f64 = d2.iter().sum();
+            let pick = if total > 0.0 {
+                // Sample proportionally to squared distance to the nearest chosen centroid.
+                let mut r = rng.random::<f64>() * total;
+                d2.iter()
+                    .position(|&d| {
+                        r -= d;
+                        r <= 0.0
+                    })
+                    .unwrap_or(points.len() - 1)
+            } else {
+                rng.random_range(0..points.len())
+            };
+            c.row_mut(j)
+                .assign(&ndarray::ArrayView1::from(&points[pick][..]));
+            for (d, p) in d2.iter_mut().zip(points) {
+                *d = d.min(dist2(p, &points[pick]));
+            }
+        }
+        let mut counts = vec![0.0; self.k];
+        for _ in 0..10 {
+            let mut sums = Array2::<f64>::zeros((self.k, DIM));
+            counts = vec![0.0; self.k];
+            for p in points {
+                let j = nearest_in(&c, p).best;
+                counts[j] += 1.0;
+                sums.row_mut(j).iter_mut().zip(p).for_each(|(s, x)| *s += x);
+            }
+            for j in 0..self.k {
+                if counts[j] > 0.0 {
+                    let mean = sums.row(j).mapv(|s| s / counts[j]);
+                    c.row_mut(j).assign(&mean);
+                }
+            }
+        }
+        self.counts = counts.iter().map(|&n| n.max(1.0)).collect();
+        self.centroids = Some(c);
+    }
+
+    /// Nearest and second-nearest centroid of `z`. `None` until seeded.
+    pub fn nearest(&self, z: &Vector) -> Option<Nearest> {
+        self.centroids.as_ref().map(|c| nearest_in(c, z))
+    }
+
+    /// Distance from `z` to centroid `j`.
+    pub fn distance_to(&self, j: usize, z: &Vector) -> f64 {
+        self.centroids.as_ref().map_or(f64::INFINITY, |c| {
+            dist2(c.row(j).as_slice().unwrap_or(&[]), z).sqrt()
+        })
+    }
+
+    /// Adds `z`, assigned to centroid `j`, to the current mini-batch; applies the batch when full:
+    /// for each centroid with `b` points summing to `s`, `n += b; c += (s - b·c) / n`, i.e. every
+    /// point moves its centroid with learning rate `1 / n` (Sculley's per-centre rate).
+    pub fn learn(&mut self, j: usize, z: &Vector) {
+        self.batch_sums
+            .row_mut(j)
+            .iter_mut()
+            .zip(z)
+            .for_each(|(s, x)| *s += x);
+        self.batch_counts[j] += 1.0;
+        self.batch_len += 1;
+        if self.batch_len >= self.batch_size {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let Some(c) = self.centroids.as_mut() else {
+            return;
+        };
+        for j in 0..self.k {
+            let b = self.batch_counts[j];
+            if b > 0.0 {
+                self.counts[j] += b;
+                let n = self.counts[j];
+                let sums = self.batch_sums.row(j);
+                c.row_mut(j)
+                    .iter_mut()
+                    .zip(sums)
+                    .for_each(|(c, s)| *c += (s - b * *c) / n);
+            }
+        }
+        self.batch_sums.fill(0.0);
+        self.batch_counts.iter_mut().for_each(|b| *b = 0.0);
+        self.batch_len = 0;
+        self.updates += 1;
+    }
+
+    /// A short description of segment `j` from its centroid (which lives in z-score space): the
+    /// features furthest from the population mean, in words.
+    pub fn label(&self, j: usize) -> String {
+        let Some(c) = self.centroids.as_ref() else {
+            return String::new();
+        };
+        let row = c.row(j);
+        let mut feats: Vec<(usize, f64)> = row.iter().copied().enumerate().collect();
+        feats.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+        let words: Vec<String> = feats
+            .iter()
+            .take(3)
+            .filter(|(_, z)| z.abs() >= 0.5)
+            .map(|&(i, z)| {
+                let level = if z > 0.0 { "high" } else { "low" };
+                format!("{level} {}", FEATURE_NAMES[i].replace('_', " "))
+            })
+            .collect();
+        if words.is_empty() {
+            "typical shopper".into()
+        } else {
+            words.join(", ")
+        }
+    }
+}
+
+fn nearest_in(c: &Array2<f64>, z: &[f64]) -> Nearest {
+    let mut best = (0, f64::INFINITY);
+    let mut second = f64::INFINITY;
+    for (j, row) in c.outer_iter().enumerate() {
+        let d = dist2(row.as_slice().unwrap_or(&[]), z);
+        if d < best.1 {
+            second = best.1;
+            best = (j, d);
+        } else if d < second {
+            second = d;
+        }
+    }
+    Nearest {
+        best: best.0,
+        best_dist: best.1.sqrt(),
+        second_dist: second.sqrt(),
+    }
+}
+
+/// Online linear regression trained by SGD with AdaGrad step sizes and an L2 penalty.
+///
+/// Per example: `e = w·x + b - y`; `g_i = e·x_i + l2·w_i`; `G_i += g_i²`;
+/// `w_i -= lr · g_i / sqrt(G_i + 1e-8)` (the bias the same, without L2).
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    w: Vector,
+    b: f64,
+    g2: Vector,
+    g2_b: f64,
+    lr: f64,
+    l2: f64,
+    trained: u64,
+    abs_err_sum: f64,
+}
+
+impl Sgd {
+    pub fn new(lr: f64, l2: f64) -> Self {
+        Self {
+            w: [0.0; DIM],
+            b: 0.0,
+            g2: [0.0; DIM],
+            g2_b: 0.0,
+            lr,
+            l2,
+            trained: 0,
+            abs_err_sum: 0.0,
+        }
+    }
+
+    pub fn predict(&self, x: &Vector) -> f64 {
+        self.b + self.w.iter().zip(x).map(|(w, x)| w * x).sum::<f64>()
+    }
+
+    /// One SGD step towards `y`. The prediction made before the step is scored first
+    /// (progressive validation), so [`Sgd::mean_abs_error`] is an honest out-of-sample error.
+    pub fn train(&mut self, x: &Vector, y: f64) {
+        let e = self.predict(x) - y;
+        self.abs_err_sum += e.abs();
+        self.trained += 1;
+        for i in 0..DIM {
+            let g = e * x[i] + self.l2 * self.w[i];
+            self.g2[i] += g * g;
+            self.w[i] -= self.lr * g / (self.g2[i] + 1e-8).sqrt();
+        }
+        self.g2_b += e * e;
+        self.b -= self.lr * e / (self.g2_b + 1e-8).sqrt();
+    }
+
+    pub fn examples(&self) -> u64 {
+        self.trained
+    }
+
+    /// Progressive mean absolute error, in the target's units.
+    pub fn mean_abs_error(&self) -> f64 {
+        if self.trained == 0 {
+            0.0
+        } else {
+            self.abs_err_sum / self.trained as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use approx::assert_relative_eq;
+
+    fn blob(rng: &mut ChaCha8Rng, centre: f64) -> Vector {
+        let mut v = [0.0; DIM];
+        v.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = if i < 3 { centre } else { 0.0 } + rng.random::<f64>() * 0.2);
+        v
+    }
+
+    #[test]
+    fn scaler_standardises() {
+        let mut s = Scaler::new(5.0);
+        for x in [1.0, 2.0, 3.0, 4.0] {
+            let mut v = [0.0; DIM];
+            v[0] = x;
+            s.observe(&v);
+        }
+        let mut v = [0.0; DIM];
+        v[0] = 2.5;
+        assert_relative_eq!(s.transform(&v)[0], 0.0, epsilon = 1e-12);
+        v[0] = 1e9;
+        assert_eq!(s.transform(&v)[0], 5.0);
+        assert_eq!(s.transform(&v)[1], 0.0);
+    }
+
+    #[test]
+    fn kmeans_finds_separated_blobs_and_keeps_ids() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let scaler = Scaler::new(100.0);
+        let mut identity = scaler.clone();
+        // A scaler that leaves the data nearly unchanged: mean 0, sd 1.
+        for s in [-1.0, 1.0] {
+            identity.observe(&[s; DIM]);
+        }
+        let mut km = KMeans::new(3, 7, 30, 30, 8);
+        let centres = [0.0, 10.0, 20.0];
+        for i in 0..30 {
+            km.observe_unseeded(&format!("u{i}"), &blob(&mut rng, centres[i % 3]), &identity);
+        }
+        assert!(km.is_seeded());
+        let ids: Vec<usize> = centres
+            .iter()
+            .map(|&c| km.nearest(&blob(&mut rng, c)).unwrap().best)
+            .collect();
+        let mut distinct = ids.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "each blob has its own centroid: {ids:?}");
+        for _ in 0..1000 {
+            let i = rng.random_range(0..3);
+            let z = blob(&mut rng, centres[i]);
+            let j = km.nearest(&z).unwrap().best;
+            km.learn(j, &z);
+        }
+        for (i, &c) in centres.iter().enumerate() {
+            let z = blob(&mut rng, c);
+            let n = km.nearest(&z).unwrap();
+            assert_eq!(
+                n.best, ids[i],
+                "segment ids are stable while centroids move"
+            );
+            assert!(n.best_dist < 1.0 && n.second_dist > 5.0);
+        }
+        assert!(km.version() > 0);
+        assert!(km.label(ids[2]).starts_with("high"));
+    }
+
+    #[test]
+    fn kmeans_is_deterministic_for_a_seed() {
+        let run = || {
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let mut s = Scaler::new(5.0);
+            let mut km = KMeans::new(4, 11, 50, 50, 4);
+            for i in 0..200 {
+                let v = blob(&mut rng, (i % 4) as f64 * 3.0);
+                s.observe(&v);
+                if km.is_seeded() {
+                    let z = s.transform(&v);
+                    let j = km.nearest(&z).unwrap().best;
+                    km.learn(j, &z);
+                } else {
+                    km.observe_unseeded(&format!("u{}", i % 60), &v, &s);
+                }
+            }
+            km.centroids().unwrap().clone()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn sgd_learns_a_linear_target() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut sgd = Sgd::new(0.1, 0.0);
+        for _ in 0..20_000 {
+            let mut x = [0.0; DIM];
+            x[0] = rng.random::<f64>() * 2.0 - 1.0;
+            x[1] = rng.random::<f64>() * 2.0 - 1.0;
+            sgd.train(&x, 3.0 * x[0] - 2.0 * x[1] + 1.0);
+        }
+        let mut x = [0.0; DIM];
+        x[0] = 0.5;
+        x[1] = -0.5;
+        assert_relative_eq!(sgd.predict(&x), 3.5, epsilon = 0.05);
+        assert_eq!(sgd.examples(), 20_000);
+    }
+}
