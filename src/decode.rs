@@ -132,6 +132,17 @@ impl Decoder {
         payload: &[u8],
         now_ms: Option<i64>,
     ) -> Result<Event, DecodeError> {
+        self.decode_as(source, self.config.formats.get(source), payload, now_ms)
+    }
+
+    /// Like [`Decoder::decode`] in an explicit format (replay reads NDJSON whatever the topics use).
+    pub fn decode_as(
+        &self,
+        source: Source,
+        format: WireFormat,
+        payload: &[u8],
+        now_ms: Option<i64>,
+    ) -> Result<Event, DecodeError> {
         if payload.len() > self.config.max_message_bytes {
             return Err(DecodeError::TooLarge {
                 size: payload.len(),
@@ -141,7 +152,7 @@ impl Decoder {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
-        let event = match self.config.formats.get(source) {
+        let event = match format {
             WireFormat::Avro => self.decode_avro(source, payload)?,
             WireFormat::Json => decode_json(source, payload)?,
         };

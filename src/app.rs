@@ -1,0 +1,429 @@
+//! Wiring of the commands: the service (`run`), the traffic generator (`generate`) and the
+//! self-contained demo (`demo`). Everything here is glue between the pure core and the edges.
+
+use crate::config::{RawConfig, Settings};
+use crate::encode::decode_change;
+use crate::event::Source;
+use crate::generate::Generator;
+use crate::kafka::{ensure_topics, producer};
+use crate::metrics::Metrics;
+use crate::pipeline::{self, wall_ms};
+use crate::quality::adjusted_rand_index;
+use crate::{http, kafka};
+use anyhow::Context;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// `segstream run`: the service. Returns when `cancel` fires (SIGINT/SIGTERM) after an ordered
+/// shutdown, or with the error that stopped the pipeline.
+pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let http_stop = CancellationToken::new();
+    let (addr, server) = http::serve(settings.http_bind, metrics.clone(), http_stop.clone())
+        .await
+        .with_context(|| format!("binding http on {}", settings.http_bind))?;
+    info!(%addr, "Serving /metrics, /healthz and /readyz.");
+    let result = pipeline::run(&settings, metrics, cancel).await;
+    http_stop.cancel();
+    let _ = server.await;
+    result.map(|_| ()).map_err(Into::into)
+}
+
+/// Options of `segstream generate`.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Records per second; 0 means as fast as the producer takes them.
+    pub rate: u64,
+    pub users: usize,
+    pub malformed_ratio: f64,
+    pub seed: u64,
+    /// Stop after this many records.
+    pub count: Option<u64>,
+    /// Create missing input topics with this many partitions first.
+    pub create_topics: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GenerateSummary {
+    pub sent: u64,
+    pub malformed: u64,
+    pub failed: u64,
+}
+
+/// Produces persona traffic to the input topics until `count` records are sent or `cancel`.
+pub async fn generate(
+    settings: &Settings,
+    opts: &GenerateOptions,
+    cancel: CancellationToken,
+) -> anyhow::Result<GenerateSummary> {
+    if let Some(partitions) = opts.create_topics {
+        let topics: Vec<&str> = Source::ALL.iter().map(|s| settings.topic(*s)).collect();
+        ensure_topics(
+            &settings.kafka.brokers,
+            &settings.kafka.properties,
+            &topics,
+            partitions,
+        )
+        .await
+        .context("creating input topics")?;
+    }
+    let producer = producer(settings).context("creating producer")?;
+    let mut generator = Generator::new(opts.seed, opts.users, opts.malformed_ratio);
+    let mut summary = GenerateSummary::default();
+    let mut in_flight: VecDeque<DeliveryFuture> = VecDeque::new();
+    let tick = Duration::from_millis(10);
+    let mut ticker = tokio::time::interval(tick);
+    let per_tick = opts.rate as f64 * tick.as_secs_f64();
+    let mut budget = 0.0;
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    'outer: loop {
+        if opts.rate > 0 {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            budget += per_tick;
+        } else {
+            if cancel.is_cancelled() {
+                break;
+            }
+            budget = 1000.0;
+        }
+        while budget >= 1.0 {
+            if opts.count.is_some_and(|c| summary.sent >= c) {
+                break 'outer;
+            }
+            budget -= 1.0;
+            let r = generator.next_record(wall_ms(), &settings.decode);
+            let mut record = FutureRecord::to(settings.topic(r.source))
+                .key(r.key.as_bytes())
+                .payload(&r.payload[..]);
+            loop {
+                match producer.send_result(record) {
+                    Ok(f) => {
+                        in_flight.push_back(f);
+                        break;
+                    }
+                    Err((_, back)) => {
+                        record = back;
+                        if let Some(f) = in_flight.pop_front() {
+                            summary.failed += u64::from(!matches!(f.await, Ok(Ok(_))));
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            }
+            summary.sent += 1;
+            summary.malformed += u64::from(r.expected_error.is_some());
+            while in_flight.len() > 50_000 {
+                if let Some(f) = in_flight.pop_front() {
+                    summary.failed += u64::from(!matches!(f.await, Ok(Ok(_))));
+                }
+            }
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            info!(
+                sent = summary.sent,
+                malformed = summary.malformed,
+                "Generating."
+            );
+        }
+    }
+    for f in in_flight {
+        summary.failed += u64::from(!matches!(f.await, Ok(Ok(_))));
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .context("flushing producer")?;
+    let secs = started.elapsed().as_secs_f64();
+    info!(
+        sent = summary.sent,
+        malformed = summary.malformed,
+        failed = summary.failed,
+        rate = summary.sent as f64 / secs.max(1e-9),
+        "Generator done."
+    );
+    Ok(summary)
+}
+
+/// Options of `segstream demo`.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub duration: Option<Duration>,
+    pub rate: u64,
+    pub users: usize,
+    pub malformed_ratio: f64,
+    pub seed: u64,
+    pub http_bind: String,
+}
+
+/// What the demo reached, also printed at its end.
+#[derive(Clone, Debug)]
+pub struct DemoReport {
+    pub consumed: u64,
+    pub applied: u64,
+    pub dead_letters: u64,
+    pub changes: u64,
+    pub users_assigned: usize,
+    pub segments_non_empty: usize,
+    pub ari: f64,
+}
+
+/// What a subscriber of the output topic has seen, for the live summary.
+#[derive(Default)]
+struct SubscriberView {
+    received: u64,
+    recent: VecDeque<String>,
+}
+
+/// `segstream demo`: an in-process Kafka cluster (librdkafka's mock), the generator, the full
+/// pipeline over real Kafka clients, and a subscriber of the segment changes; prints a live
+/// summary and a final report with the agreement (ARI) between segments and the generator's
+/// personas.
+pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Result<DemoReport> {
+    let cluster = MockCluster::new(1).context("starting the embedded kafka cluster")?;
+    let mut raw = RawConfig::default();
+    raw.kafka.brokers = cluster.bootstrap_servers();
+    raw.kafka.group_id = "segstream-demo".into();
+    raw.http.bind = opts.http_bind.clone();
+    let settings = raw.validate()?;
+    let t = &settings.kafka.topics;
+    for topic in [
+        &t.clickstream,
+        &t.purchases,
+        &t.social,
+        &t.segment_changes,
+        &t.dead_letter,
+    ] {
+        cluster
+            .create_topic(topic, 3, 1)
+            .with_context(|| format!("creating topic {topic}"))?;
+    }
+
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let (addr, server) = http::serve(settings.http_bind, metrics.clone(), stop.clone()).await?;
+    println!(
+        "segstream demo: embedded Kafka at {}",
+        settings.kafka.brokers
+    );
+    println!("metrics: http://{addr}/metrics   (Ctrl-C to stop)");
+
+    let pipeline = {
+        let (settings, metrics, stop) = (settings.clone(), metrics.clone(), stop.child_token());
+        tokio::spawn(async move { pipeline::run(&settings, metrics, stop).await })
+    };
+    let gen_opts = GenerateOptions {
+        rate: opts.rate,
+        users: opts.users,
+        malformed_ratio: opts.malformed_ratio,
+        seed: opts.seed,
+        count: None,
+        create_topics: None,
+    };
+    let gen_stop = stop.child_token();
+    let generator = {
+        let (settings, gen_opts, gen_stop) = (settings.clone(), gen_opts.clone(), gen_stop.clone());
+        tokio::spawn(async move { generate(&settings, &gen_opts, gen_stop).await })
+    };
+    let view = Arc::new(Mutex::new(SubscriberView::default()));
+    let subscriber = tokio::spawn(subscribe(
+        settings.clone(),
+        view.clone(),
+        stop.child_token(),
+    ));
+
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    ticker.tick().await;
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        let deadline = opts.duration.map(|d| started + d);
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d.into()).await, None => std::future::pending().await } } => break,
+            _ = ticker.tick() => {}
+        }
+        let consumed = metrics.consumed_total();
+        let rate = (consumed - last.1) as f64 / last.0.elapsed().as_secs_f64();
+        last = (Instant::now(), consumed);
+        print_summary(started.elapsed(), rate, &metrics, &view);
+    }
+
+    // Stop the traffic first, let the pipeline catch up briefly, then stop it.
+    gen_stop.cancel();
+    let sent = generator.await??;
+    let catch_up = Instant::now();
+    while metrics.consumed_total() < sent.sent && catch_up.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let engine = pipeline.await??;
+    let _ = subscriber.await;
+    let _ = server.await;
+
+    let truth = Generator::new(opts.seed, opts.users, opts.malformed_ratio);
+    let (mut seg, mut persona) = (Vec::new(), Vec::new());
+    for u in engine.dump() {
+        if let (Some(s), Some(p)) = (u.segment, truth.persona_of(&u.user_id)) {
+            seg.push(s);
+            persona.push(p as u32);
+        }
+    }
+    let segments = engine.segments();
+    let report = DemoReport {
+        consumed: metrics.consumed_total(),
+        applied: metrics.applied_total(),
+        dead_letters: metrics.dead_letters_total(),
+        changes: metrics.changes_total(),
+        users_assigned: seg.len(),
+        segments_non_empty: segments.iter().filter(|s| s.size > 0).count(),
+        ari: if seg.is_empty() {
+            0.0
+        } else {
+            adjusted_rand_index(&seg, &persona)
+        },
+    };
+    println!("\nFinal segments:");
+    for s in &segments {
+        println!("  segment {:>2}: {:>6} users  {}", s.id, s.size, s.label);
+    }
+    println!(
+        "generated {} records ({} malformed); consumed {}, applied {}, dead-lettered {}, segment changes {}",
+        sent.sent, sent.malformed, report.consumed, report.applied, report.dead_letters, report.changes
+    );
+    println!(
+        "{} users assigned to {} segments; agreement with the generator's {} personas: ARI = {:.3}",
+        report.users_assigned,
+        report.segments_non_empty,
+        truth.personas().len(),
+        report.ari
+    );
+    drop(cluster);
+    Ok(report)
+}
+
+fn print_summary(
+    elapsed: Duration,
+    rate: f64,
+    metrics: &Metrics,
+    view: &Arc<Mutex<SubscriberView>>,
+) {
+    let text = metrics.render();
+    let sizes: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("segstream_segment_users{"))
+        .filter_map(|l| {
+            let id = l.split('"').nth(1)?;
+            let n = l.rsplit(' ').next()?;
+            Some(format!("{id}:{n}"))
+        })
+        .collect();
+    let v = view.lock().unwrap_or_else(|p| p.into_inner());
+    println!(
+        "[{:>5.1}s] {:>7.0} events/s | consumed {} | dead letters {} | changes delivered {} (subscriber saw {}) | segment sizes {}",
+        elapsed.as_secs_f64(),
+        rate,
+        metrics.consumed_total(),
+        metrics.dead_letters_total(),
+        metrics.changes_total(),
+        v.received,
+        if sizes.is_empty() { "(seeding)".to_string() } else { sizes.join(" ") },
+    );
+    for line in v.recent.iter().rev().take(3) {
+        println!("          {line}");
+    }
+}
+
+/// A subscriber of the output topic, as a marketing system would run one.
+async fn subscribe(
+    settings: Settings,
+    view: Arc<Mutex<SubscriberView>>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &settings.kafka.brokers)
+        .set("group.id", "segstream-demo-subscriber")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&settings.kafka.topics.segment_changes])?;
+    let mut last_version: HashMap<String, i64> = HashMap::new();
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let Ok(msg) = msg else { continue };
+        match decode_change(msg.payload().unwrap_or_default(), settings.output.format) {
+            Ok(c) => {
+                // Drop repeats by version, as the schema documents.
+                let seen = last_version.entry(c.user_id.clone()).or_insert(0);
+                if c.version <= *seen {
+                    continue;
+                }
+                *seen = c.version;
+                let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+                v.received += 1;
+                v.recent.push_back(format!(
+                    "{} {} -> {} ({}): {}",
+                    c.user_id,
+                    c.previous_segment.map_or("-".into(), |p| p.to_string()),
+                    c.new_segment,
+                    c.reason.as_str(),
+                    c.segment_label
+                ));
+                if v.recent.len() > 3 {
+                    v.recent.pop_front();
+                }
+            }
+            Err(e) => warn!(error = %e, "Undecodable segment change."),
+        }
+    }
+    Ok(())
+}
+
+/// Convenience for tests and tools: settings for `brokers` with unique topic and group names.
+pub fn settings_for(brokers: &str, prefix: &str) -> Settings {
+    let mut raw = RawConfig::default();
+    raw.kafka.brokers = brokers.to_owned();
+    raw.kafka.group_id = format!("{prefix}-group");
+    raw.kafka.topics.clickstream = format!("{prefix}-clickstream");
+    raw.kafka.topics.purchases = format!("{prefix}-purchases");
+    raw.kafka.topics.social = format!("{prefix}-social");
+    raw.kafka.topics.segment_changes = format!("{prefix}-segment-changes");
+    raw.kafka.topics.dead_letter = format!("{prefix}-dead-letter");
+    raw.http.bind = "127.0.0.1:0".into();
+    raw.validate().expect("generated settings are valid")
+}
+
+/// Creates all five topics of `settings` (tests, demo-like setups).
+pub async fn create_all_topics(settings: &Settings, partitions: i32) -> anyhow::Result<()> {
+    let t = &settings.kafka.topics;
+    kafka::ensure_topics(
+        &settings.kafka.brokers,
+        &settings.kafka.properties,
+        &[
+            &t.clickstream,
+            &t.purchases,
+            &t.social,
+            &t.segment_changes,
+            &t.dead_letter,
+        ],
+        partitions,
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The command line: argument definitions and dispatch to `app`, `replay` and `retail`.
+
+use crate::app::{self, DemoOptions, GenerateOptions};
+use crate::config::RawConfig;
+use crate::replay::{self, ReplayInputs, ReplayOutputs};
+use crate::retail;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use figment::Figment;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "segstream",
+    version,
+    about = "Real-time user segmentation over Kafka"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service against a Kafka cluster.
+    Run(ConfigArgs),
+    /// Run everything in-process on an embedded Kafka cluster with synthetic traffic.
+    Demo(DemoArgs),
+    /// Produce synthetic persona traffic (with some malformed records) to a Kafka cluster.
+    Generate(GenerateArgs),
+    /// Run NDJSON event files through the same code as the Kafka path.
+    Replay(ReplayArgs),
+    /// Convert the UCI Online Retail CSV into purchase events (NDJSON) for replay.
+    Retail(RetailArgs),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration of FILE (with environment overrides), or the errors.
+    Check {
+        /// The TOML file to check.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// TOML configuration file (see config/segstream.toml).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Bootstrap servers (overrides kafka.brokers).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Consumer group (overrides kafka.group_id).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// HTTP address (overrides http.bind).
+    #[arg(long)]
+    pub http_bind: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<crate::config::Settings> {
+        let mut flags = Figment::new();
+        if let Some(b) = &self.brokers {
+            flags = flags.merge(("kafka.brokers", b));
+        }
+        if let Some(g) = &self.group {
+            flags = flags.merge(("kafka.group_id", g));
+        }
+        if let Some(h) = &self.http_bind {
+            flags = flags.merge(("http.bind", h));
+        }
+        Ok(RawConfig::load_with(self.config.as_deref(), flags)?.validate()?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after this long (e.g. 20s); without it, run until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Synthetic events per second.
+    #[arg(long, default_value_t = 5_000)]
+    pub rate: u64,
+    /// Distinct synthetic users.
+    #[arg(long, default_value_t = 2_000)]
+    pub users: usize,
+    /// Share of malformed records.
+    #[arg(long, default_value_t = 0.01)]
+    pub malformed_ratio: f64,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// HTTP address of /metrics (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http_bind: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Records per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Distinct users.
+    #[arg(long, default_value_t = 2_000)]
+    pub users: usize,
+    /// Share of malformed records.
+    #[arg(long, default_value_t = 0.01)]
+    pub malformed_ratio: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Stop after this many records (default: until Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Create missing input topics with this many partitions.
+    #[arg(long)]
+    pub create_topics: Option<i32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Configuration (features, model, validation) to replay with.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// NDJSON click events.
+    #[arg(long)]
+    pub clickstream: Option<PathBuf>,
+    /// NDJSON purchase events.
+    #[arg(long)]
+    pub purchases: Option<PathBuf>,
+    /// NDJSON social events.
+    #[arg(long)]
+    pub social: Option<PathBuf>,
+    /// Where to write segment changes (NDJSON).
+    #[arg(long)]
+    pub changes_out: Option<PathBuf>,
+    /// Where to write the final per-user state (NDJSON).
+    #[arg(long)]
+    pub users_out: Option<PathBuf>,
+    /// Where to write unusable lines with their reasons (NDJSON).
+    #[arg(long)]
+    pub dead_letters_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetailArgs {
+    /// The Online Retail CSV (.csv or .csv.gz).
+    #[arg(long, default_value = "../shared/data/online_retail.csv.gz")]
+    pub input: PathBuf,
+    /// Where to write purchase events (NDJSON).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Where to write refused rows with their reasons (NDJSON).
+    #[arg(long)]
+    pub rejects: Option<PathBuf>,
+}
+
+/// Runs a parsed command. `cancel` fires on SIGINT/SIGTERM.
+pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => app::run(args.load()?, cancel).await,
+        Command::Demo(a) => {
+            let report = app::demo(
+                DemoOptions {
+                    duration: a.duration,
+                    rate: a.rate,
+                    users: a.users,
+                    malformed_ratio: a.malformed_ratio,
+                    seed: a.seed,
+                    http_bind: a.http_bind,
+                },
+                cancel,
+            )
+            .await?;
+            anyhow::ensure!(
+                report.segments_non_empty > 0,
+                "no segments formed: {report:?}"
+            );
+            Ok(())
+        }
+        Command::Generate(a) => {
+            let settings = a.config.load()?;
+            let s = app::generate(
+                &settings,
+                &GenerateOptions {
+                    rate: a.rate,
+                    users: a.users,
+                    malformed_ratio: a.malformed_ratio,
+                    seed: a.seed,
+                    count: a.count,
+                    create_topics: a.create_topics,
+                },
+                cancel,
+            )
+            .await?;
+            println!(
+                "sent {} records ({} malformed, {} failed)",
+                s.sent, s.malformed, s.failed
+            );
+            anyhow::ensure!(s.failed == 0, "{} records were not delivered", s.failed);
+            Ok(())
+        }
+        Command::Replay(a) => {
+            let settings = RawConfig::load(a.config.as_deref())?.validate()?;
+            let (engine, report) = replay::replay(
+                &settings,
+                &ReplayInputs {
+                    clickstream: a.clickstream,
+                    purchases: a.purchases,
+                    social: a.social,
+                },
+                &ReplayOutputs {
+                    changes: a.changes_out,
+                    users: a.users_out,
+                    dead_letters: a.dead_letters_out,
+                },
+            )?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!("segments:");
+            for s in engine.segments() {
+                println!("  {:>2}: {:>6} users  {}", s.id, s.size, s.label);
+            }
+            Ok(())
+        }
+        Command::Retail(a) => {
+            let report = retail::convert(&a.input, &a.output, a.rejects.as_deref())
+                .with_context(|| format!("converting {}", a.input.display()))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let raw = RawConfig::load(file.as_deref())?;
+            let effective = serde_json::to_value(&raw)?;
+            raw.validate()?;
+            println!("{}", toml_string(&effective));
+            Ok(())
+        }
+    }
+}
+
+fn toml_string(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}

@@ -1,0 +1,128 @@
+//! Kafka clients built from [`Settings`]: the consumer (at-least-once offset handling, commits on
+//! revoke), the producer, and topic creation. The only module besides `pipeline` that knows
+//! rdkafka.
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientContext;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Consumer context: counts rebalances, commits stored offsets synchronously before partitions
+/// are taken away, and tracks readiness.
+pub struct SegContext {
+    pub metrics: Metrics,
+}
+
+impl ClientContext for SegContext {}
+
+impl ConsumerContext for SegContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.metrics.rebalance("revoke");
+            info!(
+                partitions = tpl.count(),
+                "Partitions revoked; committing stored offsets."
+            );
+            commit_sync(consumer, &self.metrics);
+            self.metrics.set_ready(false);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.metrics.rebalance("assign");
+                info!(partitions = tpl.count(), "Partitions assigned.");
+                self.metrics.set_ready(true);
+            }
+            Rebalance::Error(e) => warn!(error = %e, "Rebalance failed."),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Commits the stored offsets and waits for the broker's answer. "Nothing to commit" is fine.
+pub fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>, metrics: &Metrics) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => {
+            metrics.commit_failed();
+            warn!(error = %e, "Offset commit failed.");
+        }
+    }
+}
+
+fn apply(cfg: &mut ClientConfig, props: &BTreeMap<String, String>) {
+    for (k, v) in props {
+        cfg.set(k, v);
+    }
+}
+
+/// The consumer's configuration: at-least-once (offsets stored by the pipeline only after an
+/// event's effects are delivered, then auto-committed), then the pass-through properties.
+pub fn consumer_config(s: &Settings) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &s.kafka.brokers)
+        .set("group.id", &s.kafka.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("auto.commit.interval.ms", "1000");
+    apply(&mut cfg, &s.kafka.properties);
+    apply(&mut cfg, &s.kafka.consumer_properties);
+    cfg
+}
+
+/// The producer's configuration: idempotent (no duplicates from internal retries, per-partition
+/// order kept), then the pass-through properties.
+pub fn producer_config(s: &Settings) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &s.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5");
+    apply(&mut cfg, &s.kafka.properties);
+    apply(&mut cfg, &s.kafka.producer_properties);
+    cfg
+}
+
+pub fn producer(s: &Settings) -> Result<FutureProducer, KafkaError> {
+    producer_config(s).create()
+}
+
+/// Creates the topics that do not exist yet (an existing topic is left as it is).
+pub async fn ensure_topics(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    apply(&mut cfg, properties);
+    let admin: AdminClient<DefaultClientContext> = cfg.create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    warn!(%topic, error = %code, "Could not create topic.");
+                })
+            }
+        }
+    }
+    Ok(())
+}

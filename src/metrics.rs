@@ -1,0 +1,296 @@
+//! Every Prometheus metric segstream exports, declared in one place behind typed methods and
+//! registered on the service's own [`Registry`] (so tests and several pipelines in one process
+//! stay isolated). Labels are low-cardinality: input source, error code, reason, segment id.
+
+use crate::decode::DecodeError;
+use crate::event::{ChangeReason, Source};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    consumed: IntCounterVec,
+    applied: IntCounterVec,
+    invalid: IntCounterVec,
+    dead_letters: IntCounterVec,
+    changes: IntCounterVec,
+    users: IntGauge,
+    segment_size: IntGaugeVec,
+    model_version: IntGauge,
+    value_mae: Gauge,
+    processing: Histogram,
+    producer_errors: IntCounterVec,
+    rebalances: IntCounterVec,
+    ready: IntGauge,
+    commits_failed: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let m = Metrics {
+            consumed: counter_vec(
+                &r,
+                "segstream_events_consumed_total",
+                "Input messages read from Kafka, by input topic.",
+                &["topic"],
+            ),
+            applied: counter_vec(
+                &r,
+                "segstream_events_applied_total",
+                "Valid events applied to user state and models, by input topic.",
+                &["topic"],
+            ),
+            invalid: counter_vec(
+                &r,
+                "segstream_events_invalid_total",
+                "Input messages that failed decoding or validation, by input topic and error code.",
+                &["topic", "error_code"],
+            ),
+            dead_letters: counter_vec(
+                &r,
+                "segstream_dead_letters_total",
+                "Records delivered to the dead-letter topic, by input topic.",
+                &["topic"],
+            ),
+            changes: counter_vec(
+                &r,
+                "segstream_segment_changes_total",
+                "Segment-change records delivered, by reason.",
+                &["reason"],
+            ),
+            users: gauge(&r, "segstream_users_tracked", "Users held in memory."),
+            segment_size: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "segstream_segment_users",
+                        "Users currently assigned to each segment.",
+                    ),
+                    &["segment"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            model_version: gauge(
+                &r,
+                "segstream_model_version",
+                "Number of k-means mini-batches the model has absorbed.",
+            ),
+            value_mae: {
+                let g = Gauge::new(
+                    "segstream_value_model_mae",
+                    "Progressive mean absolute error of the value model, in log1p(currency) units.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone()))
+                    .expect("metric registered once");
+                g
+            },
+            processing: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "segstream_processing_seconds",
+                        "Time to decode, validate and apply one input message (excluding delivery).",
+                    )
+                    .buckets(vec![
+                        1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 1e-4, 1e-3, 1e-2,
+                    ]),
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone()))
+                    .expect("metric registered once");
+                h
+            },
+            producer_errors: counter_vec(
+                &r,
+                "segstream_producer_errors_total",
+                "Output records that could not be delivered, by output (changes, dead_letter).",
+                &["output"],
+            ),
+            rebalances: counter_vec(
+                &r,
+                "segstream_rebalances_total",
+                "Consumer-group rebalance events, by kind (assign, revoke).",
+                &["kind"],
+            ),
+            ready: gauge(
+                &r,
+                "segstream_ready",
+                "1 while the pipeline is consuming, 0 while starting or stopping.",
+            ),
+            commits_failed: {
+                let c = IntCounter::new(
+                    "segstream_offset_commits_failed_total",
+                    "Synchronous offset commits (shutdown, revoke) that failed.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
+            registry: r,
+        };
+        // Pre-create every series so dashboards and rate() see zeros, not gaps.
+        for s in Source::ALL {
+            m.consumed.with_label_values(&[s.as_str()]);
+            m.applied.with_label_values(&[s.as_str()]);
+            m.dead_letters.with_label_values(&[s.as_str()]);
+            for code in DecodeError::CODES {
+                m.invalid.with_label_values(&[s.as_str(), code]);
+            }
+        }
+        for r in [ChangeReason::FirstAssignment, ChangeReason::Moved] {
+            m.changes.with_label_values(&[r.as_str()]);
+        }
+        for o in ["changes", "dead_letter"] {
+            m.producer_errors.with_label_values(&[o]);
+        }
+        m
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+
+    pub fn consumed(&self, s: Source) {
+        self.consumed.with_label_values(&[s.as_str()]).inc();
+    }
+    pub fn applied(&self, s: Source) {
+        self.applied.with_label_values(&[s.as_str()]).inc();
+    }
+    pub fn invalid(&self, s: Source, e: &DecodeError) {
+        self.invalid
+            .with_label_values(&[s.as_str(), e.code()])
+            .inc();
+    }
+    pub fn dead_lettered(&self, s: Source) {
+        self.dead_letters.with_label_values(&[s.as_str()]).inc();
+    }
+    pub fn change_delivered(&self, r: ChangeReason) {
+        self.changes.with_label_values(&[r.as_str()]).inc();
+    }
+    pub fn producer_error(&self, output: &'static str) {
+        self.producer_errors.with_label_values(&[output]).inc();
+    }
+    pub fn rebalance(&self, kind: &'static str) {
+        self.rebalances.with_label_values(&[kind]).inc();
+    }
+    pub fn commit_failed(&self) {
+        self.commits_failed.inc();
+    }
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+    pub fn observe_processing(&self, seconds: f64) {
+        self.processing.observe(seconds);
+    }
+    /// Refreshes the gauges that mirror engine state.
+    pub fn set_model_state(
+        &self,
+        users: usize,
+        model_version: u64,
+        mae: f64,
+        sizes: impl Iterator<Item = (u32, i64)>,
+    ) {
+        self.users.set(users as i64);
+        self.model_version.set(model_version as i64);
+        self.value_mae.set(mae);
+        for (id, size) in sizes {
+            self.segment_size
+                .with_label_values(&[&id.to_string()])
+                .set(size);
+        }
+    }
+
+    pub fn consumed_total(&self) -> u64 {
+        Source::ALL
+            .iter()
+            .map(|s| self.consumed.with_label_values(&[s.as_str()]).get())
+            .sum()
+    }
+    pub fn applied_total(&self) -> u64 {
+        Source::ALL
+            .iter()
+            .map(|s| self.applied.with_label_values(&[s.as_str()]).get())
+            .sum()
+    }
+    pub fn dead_letters_total(&self) -> u64 {
+        Source::ALL
+            .iter()
+            .map(|s| self.dead_letters.with_label_values(&[s.as_str()]).get())
+            .sum()
+    }
+    pub fn invalid_count(&self, s: Source, code: &str) -> u64 {
+        self.invalid.with_label_values(&[s.as_str(), code]).get()
+    }
+    pub fn changes_total(&self) -> u64 {
+        [ChangeReason::FirstAssignment, ChangeReason::Moved]
+            .iter()
+            .map(|r| self.changes.with_label_values(&[r.as_str()]).get())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_convention_and_series_exist_before_traffic() {
+        let m = Metrics::new();
+        m.invalid(Source::Social, &DecodeError::EmptyUserId);
+        let text = m.render();
+        assert!(text.contains(
+            "segstream_events_invalid_total{error_code=\"empty_user_id\",topic=\"social\"} 1"
+        ));
+        assert!(text.contains("segstream_events_consumed_total{topic=\"purchases\"} 0"));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(name.starts_with("segstream_"), "{name}");
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{name}");
+        }
+        // Two services in one process do not share series.
+        assert_eq!(
+            Metrics::new().invalid_count(Source::Social, "empty_user_id"),
+            0
+        );
+    }
+}
