@@ -49,7 +49,13 @@ pub struct Engine {
     models: Models,
     segment_sizes: Vec<i64>,
     applied: u64,
+    /// Applied-event count at which the next k-means fit runs.
+    next_fit: u64,
+    fits_left: u32,
 }
+
+/// Fits after the seeding one, at 4×, 16× and 64× `init_events`.
+const REFITS: u32 = 3;
 
 impl Engine {
     pub fn new(half_life_ms: f64, m: &ModelConfig) -> Self {
@@ -58,12 +64,14 @@ impl Engine {
             decay: Decay::from_half_life_ms(half_life_ms),
             models: Models {
                 scaler: Scaler::new(m.clip_z),
-                kmeans: KMeans::new(m.k, m.seed, m.init_users, m.init_events, m.batch_size),
+                kmeans: KMeans::new(m.k, m.seed, m.init_users, m.batch_size),
                 sgd: Sgd::new(m.sgd_learning_rate, m.sgd_l2),
                 hysteresis: m.hysteresis,
             },
             segment_sizes: vec![0; m.k],
             applied: 0,
+            next_fit: m.init_events,
+            fits_left: 1 + REFITS,
         }
     }
 
@@ -73,6 +81,9 @@ impl Engine {
         let decay = self.decay;
         let models = &mut self.models;
         let outcome = self.store.update(event.user_id(), |state| {
+            if state.events == 0 {
+                models.kmeans.offer_user(event.user_id());
+            }
             let before = state.vector();
             state.apply(event, decay);
             let after = state.vector();
@@ -102,7 +113,30 @@ impl Engine {
                 model_version: self.models.kmeans.version() as i64,
             }
         });
+        if self.applied >= self.next_fit && self.fits_left > 0 {
+            self.fit();
+        }
         Applied { change }
+    }
+
+    /// Seeds or refits k-means on the sampled users' current vectors.
+    fn fit(&mut self) {
+        let points: Vec<Vector> = self
+            .models
+            .kmeans
+            .sample()
+            .iter()
+            .filter_map(|u| self.store.get(u))
+            .map(|s| self.models.scaler.transform(&s.vector()))
+            .collect();
+        if points.len() < self.models.kmeans.k() {
+            // Too few users yet: try again a little later.
+            self.next_fit = self.applied + self.applied.max(1) / 2;
+            return;
+        }
+        self.models.kmeans.fit(&points);
+        self.fits_left -= 1;
+        self.next_fit = self.applied.saturating_mul(4);
     }
 
     /// Events applied so far.
@@ -202,11 +236,6 @@ impl Models {
         let z = self.scaler.transform(after);
         state.predicted_value = self.sgd.predict(&z).clamp(0.0, 30.0).exp_m1();
 
-        if !self.kmeans.is_seeded() {
-            self.kmeans
-                .observe_unseeded(event.user_id(), after, &self.scaler);
-            return None;
-        }
         let nearest = self.kmeans.nearest(&z)?;
         self.kmeans.learn(nearest.best, &z);
         let best = nearest.best as u32;

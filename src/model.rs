@@ -64,48 +64,44 @@ pub struct Nearest {
     pub second_dist: f64,
 }
 
-/// Mini-batch k-means with per-centroid counts (Sculley 2010).
+/// Mini-batch k-means with per-centroid counts (Sculley 2010), fitted in three stages:
 ///
-/// Before seeding it gathers the latest vectors of the first `init_users` users; once `init_events`
-/// events have been seen it seeds with k-means++ (seeded RNG) and refines with a few Lloyd passes
-/// over that sample. Centroid ids are row indices and never change.
+/// 1. A seeded reservoir sample (Algorithm R) of user ids is kept as users first appear.
+/// 2. At `fit` milestones the caller passes the sampled users' *current* vectors: the first fit
+///    seeds with k-means++ and refines with Lloyd passes; later fits (refits) do the same and
+///    match the new centroids to the existing ids, so no segment is renumbered. Refits repair
+///    what an unlucky early sample did (for example a backlog read one topic at a time).
+/// 3. Between fits, every event moves its nearest centroid by a mini-batch step.
+///
+/// Centroid ids are row indices and never change meaning.
 #[derive(Clone, Debug)]
 pub struct KMeans {
     k: usize,
     seed: u64,
     init_users: usize,
-    init_events: u64,
     batch_size: usize,
-    /// Raw (unstandardised) vectors of the first users, in first-seen order.
-    sample: Vec<Vector>,
-    sample_index: std::collections::HashMap<String, usize>,
-    events_seen: u64,
+    reservoir: Vec<String>,
+    users_offered: u64,
+    rng: ChaCha8Rng,
     centroids: Option<Array2<f64>>,
     counts: Vec<f64>,
     batch_sums: Array2<f64>,
     batch_counts: Vec<f64>,
     batch_len: usize,
-    /// Number of mini-batches applied (the model version).
+    /// Number of fits and mini-batches applied (the model version).
     updates: u64,
 }
 
 impl KMeans {
-    pub fn new(
-        k: usize,
-        seed: u64,
-        init_users: usize,
-        init_events: u64,
-        batch_size: usize,
-    ) -> Self {
+    pub fn new(k: usize, seed: u64, init_users: usize, batch_size: usize) -> Self {
         Self {
             k,
             seed,
             init_users,
-            init_events,
             batch_size,
-            sample: Vec::with_capacity(init_users),
-            sample_index: Default::default(),
-            events_seen: 0,
+            reservoir: Vec::with_capacity(init_users),
+            users_offered: 0,
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5eed),
             centroids: None,
             counts: vec![0.0; k],
             batch_sums: Array2::zeros((k, DIM)),
@@ -131,29 +127,69 @@ impl KMeans {
         self.centroids.as_ref()
     }
 
-    /// Records a user's latest raw vector while the model is not yet seeded; seeds it (with the
-    /// scaler's current statistics) once enough users and events have been seen.
-    pub fn observe_unseeded(&mut self, user: &str, raw: &Vector, scaler: &Scaler) {
-        self.events_seen += 1;
-        match self.sample_index.get(user) {
-            Some(&i) => self.sample[i] = *raw,
-            None if self.sample.len() < self.init_users => {
-                self.sample_index.insert(user.to_owned(), self.sample.len());
-                self.sample.push(*raw);
+    /// Offers a user seen for the first time to the reservoir sample (Algorithm R: the i-th user
+    /// replaces a random slot with probability `init_users / i`).
+    pub fn offer_user(&mut self, user: &str) {
+        self.users_offered += 1;
+        if self.reservoir.len() < self.init_users {
+            self.reservoir.push(user.to_owned());
+        } else {
+            let slot = self.rng.random_range(0..self.users_offered);
+            if let Some(r) = self.reservoir.get_mut(slot as usize) {
+                *r = user.to_owned();
             }
-            None => {}
-        }
-        if self.sample.len() >= self.init_users && self.events_seen >= self.init_events {
-            let points: Vec<Vector> = self.sample.iter().map(|x| scaler.transform(x)).collect();
-            self.seed_from(&points);
-            self.sample = Vec::new();
-            self.sample_index = Default::default();
         }
     }
 
-    /// k-means++ on `points`, then Lloyd passes; counts start at the cluster sizes.
-    fn seed_from(&mut self, points: &[Vector]) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+    /// The sampled users, whose current vectors `fit` wants.
+    pub fn sample(&self) -> &[String] {
+        &self.reservoir
+    }
+
+    /// Seeds (first call) or refits (later calls) on standardised `points`. Needs at least `k`.
+    ///
+    /// Candidates: [`N_INIT`] k-means++ starts, and (on a refit) the current centroids; each is
+    /// refined by Lloyd passes and the one with the lowest inertia on `points` wins, so a refit
+    /// never makes the model worse on its sample. Fresh centroids are matched to the existing ids.
+    pub fn fit(&mut self, points: &[Vector]) {
+        if points.len() < self.k {
+            return;
+        }
+        let mut best: Option<(f64, Array2<f64>, Vec<f64>, bool)> = None;
+        let mut consider = |c: Array2<f64>, fresh: bool| {
+            let (c, sizes, inertia) = lloyd(c, points);
+            if best.as_ref().is_none_or(|b| inertia < b.0) {
+                best = Some((inertia, c, sizes, fresh));
+            }
+        };
+        for start in 0..N_INIT {
+            consider(self.kmeans_pp(points, start), true);
+        }
+        if let Some(current) = self.centroids.clone() {
+            consider(current, false);
+        }
+        let Some((_, fresh, sizes, is_fresh)) = best else {
+            return;
+        };
+        let (centroids, counts) = match self.centroids.take() {
+            Some(old) if is_fresh => match_ids(&old, fresh, &sizes),
+            _ => (fresh, sizes),
+        };
+        self.counts = counts.iter().map(|n| n.max(1.0)).collect();
+        self.centroids = Some(centroids);
+        self.batch_sums.fill(0.0);
+        self.batch_counts.iter_mut().for_each(|b| *b = 0.0);
+        self.batch_len = 0;
+        self.updates += 1;
+    }
+
+    /// k-means++ seeding (Arthur & Vassilvitskii 2007) with a seeded RNG per start.
+    fn kmeans_pp(&self, points: &[Vector], start: u64) -> Array2<f64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.seed
+                .wrapping_add(self.updates.wrapping_mul(1_000))
+                .wrapping_add(start),
+        );
         let mut c = Array2::zeros((self.k, DIM));
         let first = rng.random_range(0..points.len());
         c.row_mut(0)
@@ -179,24 +215,7 @@ impl KMeans {
                 *d = d.min(dist2(p, &points[pick]));
             }
         }
-        let mut counts = vec![0.0; self.k];
-        for _ in 0..10 {
-            let mut sums = Array2::<f64>::zeros((self.k, DIM));
-            counts = vec![0.0; self.k];
-            for p in points {
-                let j = nearest_in(&c, p).best;
-                counts[j] += 1.0;
-                sums.row_mut(j).iter_mut().zip(p).for_each(|(s, x)| *s += x);
-            }
-            for j in 0..self.k {
-                if counts[j] > 0.0 {
-                    let mean = sums.row(j).mapv(|s| s / counts[j]);
-                    c.row_mut(j).assign(&mean);
-                }
-            }
-        }
-        self.counts = counts.iter().map(|&n| n.max(1.0)).collect();
-        self.centroids = Some(c);
+        c
     }
 
     /// Nearest and second-nearest centroid of `z`. `None` until seeded.
@@ -273,6 +292,63 @@ impl KMeans {
             words.join(", ")
         }
     }
+}
+
+/// k-means++ starts per fit, as scikit-learn's `n_init`.
+const N_INIT: u64 = 5;
+/// Lloyd passes per candidate.
+const LLOYD_PASSES: usize = 20;
+
+/// Lloyd passes from `c`; returns the centroids, cluster sizes and inertia (sum of squared
+/// distances to the nearest centroid). An emptied centroid keeps its position.
+fn lloyd(mut c: Array2<f64>, points: &[Vector]) -> (Array2<f64>, Vec<f64>, f64) {
+    let k = c.nrows();
+    let mut counts = vec![0.0; k];
+    for _ in 0..LLOYD_PASSES {
+        let mut sums = Array2::<f64>::zeros((k, DIM));
+        counts = vec![0.0; k];
+        for p in points {
+            let j = nearest_in(&c, p).best;
+            counts[j] += 1.0;
+            sums.row_mut(j).iter_mut().zip(p).for_each(|(s, x)| *s += x);
+        }
+        for j in 0..k {
+            if counts[j] > 0.0 {
+                let mean = sums.row(j).mapv(|s| s / counts[j]);
+                c.row_mut(j).assign(&mean);
+            }
+        }
+    }
+    let inertia = points
+        .iter()
+        .map(|p| nearest_in(&c, p).best_dist.powi(2))
+        .sum();
+    (c, counts, inertia)
+}
+
+/// Gives each fresh centroid the id of an old one, closest pairs first, so ids keep meaning.
+fn match_ids(old: &Array2<f64>, fresh: Array2<f64>, sizes: &[f64]) -> (Array2<f64>, Vec<f64>) {
+    let k = old.nrows();
+    let mut pairs: Vec<(f64, usize, usize)> = Vec::with_capacity(k * k);
+    for (i, n) in fresh.outer_iter().enumerate() {
+        for (j, o) in old.outer_iter().enumerate() {
+            let d = dist2(n.as_slice().unwrap_or(&[]), o.as_slice().unwrap_or(&[]));
+            pairs.push((d, i, j));
+        }
+    }
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut used_new, mut used_old) = (vec![false; k], vec![false; k]);
+    let mut matched = Array2::zeros((k, DIM));
+    let mut counts = vec![0.0; k];
+    for (_, i, j) in pairs {
+        if !used_new[i] && !used_old[j] {
+            used_new[i] = true;
+            used_old[j] = true;
+            matched.row_mut(j).assign(&fresh.row(i));
+            counts[j] = sizes[i];
+        }
+    }
+    (matched, counts)
 }
 
 fn nearest_in(c: &Array2<f64>, z: &[f64]) -> Nearest {
@@ -395,11 +471,12 @@ mod tests {
         for s in [-1.0, 1.0] {
             identity.observe(&[s; DIM]);
         }
-        let mut km = KMeans::new(3, 7, 30, 30, 8);
+        let mut km = KMeans::new(3, 7, 30, 8);
         let centres = [0.0, 10.0, 20.0];
-        for i in 0..30 {
-            km.observe_unseeded(&format!("u{i}"), &blob(&mut rng, centres[i % 3]), &identity);
-        }
+        let points: Vec<Vector> = (0..30)
+            .map(|i| identity.transform(&blob(&mut rng, centres[i % 3])))
+            .collect();
+        km.fit(&points);
         assert!(km.is_seeded());
         let ids: Vec<usize> = centres
             .iter()
@@ -426,6 +503,12 @@ mod tests {
         }
         assert!(km.version() > 0);
         assert!(km.label(ids[2]).starts_with("high"));
+        // A refit on fresh data keeps every blob on its id.
+        let points: Vec<Vector> = (0..60).map(|i| blob(&mut rng, centres[i % 3])).collect();
+        km.fit(&points);
+        for (i, &c) in centres.iter().enumerate() {
+            assert_eq!(km.nearest(&blob(&mut rng, c)).unwrap().best, ids[i]);
+        }
     }
 
     #[test]
@@ -433,18 +516,24 @@ mod tests {
         let run = || {
             let mut rng = ChaCha8Rng::seed_from_u64(3);
             let mut s = Scaler::new(5.0);
-            let mut km = KMeans::new(4, 11, 50, 50, 4);
+            let mut km = KMeans::new(4, 11, 50, 4);
+            let mut seen = Vec::new();
             for i in 0..200 {
                 let v = blob(&mut rng, (i % 4) as f64 * 3.0);
                 s.observe(&v);
+                km.offer_user(&format!("u{i}"));
+                seen.push(v);
+                if i == 60 {
+                    let pts: Vec<Vector> = seen.iter().map(|v| s.transform(v)).collect();
+                    km.fit(&pts);
+                }
                 if km.is_seeded() {
                     let z = s.transform(&v);
                     let j = km.nearest(&z).unwrap().best;
                     km.learn(j, &z);
-                } else {
-                    km.observe_unseeded(&format!("u{}", i % 60), &v, &s);
                 }
             }
+            assert_eq!(km.sample().len(), 50);
             km.centroids().unwrap().clone()
         };
         assert_eq!(run(), run());
