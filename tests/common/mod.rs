@@ -90,19 +90,31 @@ pub struct Got {
 /// Reads `topic` from the beginning (all partitions, no group) until `want` records arrived or
 /// `timeout` passed.
 pub fn read_topic(settings: &Settings, topic: &str, want: usize, timeout: Duration) -> Vec<Got> {
+    read_topics(settings, &[topic], want, timeout)
+}
+
+/// [`read_topic`] over several topics together.
+pub fn read_topics(
+    settings: &Settings,
+    topics: &[&str],
+    want: usize,
+    timeout: Duration,
+) -> Vec<Got> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &settings.kafka.brokers)
         .set("group.id", format!("reader-{}", rand::random::<u64>()))
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap();
+        for p in metadata.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
