@@ -24,40 +24,7 @@ const PATIENCE: Duration = Duration::from_secs(90);
 async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let settings = fresh_settings("crash", 3).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("segstream.toml");
-    let t = &settings.kafka.topics;
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[kafka]
-brokers = "{}"
-group_id = "{}"
-[kafka.topics]
-clickstream = "{}"
-purchases = "{}"
-social = "{}"
-segment_changes = "{}"
-dead_letter = "{}"
-[kafka.consumer_properties]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "1000"
-[model]
-init_users = 40
-init_events = 400
-[http]
-bind = "127.0.0.1:0"
-"#,
-            settings.kafka.brokers,
-            settings.kafka.group_id,
-            t.clickstream,
-            t.purchases,
-            t.social,
-            t.segment_changes,
-            t.dead_letter
-        ),
-    )
-    .unwrap();
+    let config = write_config(&settings, dir.path());
 
     // Traffic keeps flowing while the first process runs and dies.
     let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
@@ -155,4 +122,115 @@ bind = "127.0.0.1:0"
         assert_eq!(engine.user(user).map(|u| u.events), Some(*n), "{user}");
     }
     assert_eq!(engine.users(), expected.len());
+}
+
+/// A config file for a `segstream run` subprocess on the test's topics and group.
+fn write_config(
+    settings: &segstream::config::Settings,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    let config = dir.join("segstream.toml");
+    let t = &settings.kafka.topics;
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "{}"
+[kafka.topics]
+clickstream = "{}"
+purchases = "{}"
+social = "{}"
+segment_changes = "{}"
+dead_letter = "{}"
+[kafka.consumer_properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+[model]
+init_users = 40
+init_events = 400
+[http]
+bind = "127.0.0.1:0"
+"#,
+            settings.kafka.brokers,
+            settings.kafka.group_id,
+            t.clickstream,
+            t.purchases,
+            t.social,
+            t.segment_changes,
+            t.dead_letter
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_service_in_order_and_commits() {
+    let settings = fresh_settings("sigterm", 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&settings, dir.path());
+    let mut g = Generator::new(5, 50, 0.0);
+    let sent = produce(
+        &settings,
+        (0..3_000)
+            .map(|_| g.next_record(wall_ms(), &settings.decode))
+            .collect(),
+    )
+    .await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segstream"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut started = false;
+    for _ in 0..900 {
+        if committed(&settings, 3).values().sum::<i64>() > 0 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started, "the service consumed and committed");
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut status = None;
+    for _ in 0..300 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.unwrap_or_else(|| {
+        child.kill().ok();
+        panic!("no exit within 30 s of SIGTERM")
+    });
+    assert!(status.success(), "{status}");
+    let done = committed(&settings, 3).values().sum::<i64>() as u64;
+    let total = sent.len() as u64;
+    assert!(done > 0 && done <= total);
+
+    // A restart consumes exactly the rest: nothing committed is read again, nothing is skipped.
+    let metrics = Metrics::new();
+    let cancel = CancellationToken::new();
+    let task = {
+        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move { pipeline::run(&s, m, c).await })
+    };
+    if done < total {
+        assert!(wait_for(PATIENCE, || metrics.consumed_total() >= total - done).await);
+    } else {
+        // Nothing left: give the consumer its assignment, then check it read nothing.
+        assert!(wait_for(PATIENCE, || metrics.is_ready()).await);
+    }
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert_eq!(metrics.consumed_total(), total - done);
 }
