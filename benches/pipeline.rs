@@ -32,10 +32,7 @@ fn bench(c: &mut Criterion) {
         .map(|r| decoder.decode(r.source, &r.payload, Some(now)).unwrap())
         .collect();
     let new_engine = || {
-        let mut e = Engine::new(
-            settings.features.half_life.as_millis() as f64,
-            &settings.model,
-        );
+        let mut e = Engine::new(&settings);
         // Warm: users known and the model seeded, as in a running service.
         for ev in &events {
             e.apply(ev, now);

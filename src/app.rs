@@ -3,6 +3,7 @@
 
 use crate::config::{RawConfig, Settings};
 use crate::encode::decode_change;
+use crate::engine::Engine;
 use crate::event::Source;
 use crate::generate::Generator;
 use crate::kafka::{ensure_topics, producer};
@@ -23,14 +24,23 @@ use tracing::{info, warn};
 
 /// `segstream run`: the service. Returns when `cancel` fires (SIGINT/SIGTERM) after an ordered
 /// shutdown, or with the error that stopped the pipeline.
-pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    model: Option<&std::path::Path>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let engine = match model {
+        Some(path) => Engine::with_model(&settings, path)
+            .with_context(|| format!("loading model {}", path.display()))?,
+        None => Engine::new(&settings),
+    };
     let metrics = Metrics::new();
     let http_stop = CancellationToken::new();
     let (addr, server) = http::serve(settings.http_bind, metrics.clone(), http_stop.clone())
         .await
         .with_context(|| format!("binding http on {}", settings.http_bind))?;
     info!(%addr, "Serving /metrics, /healthz and /readyz.");
-    let result = pipeline::run(&settings, metrics, cancel).await;
+    let result = pipeline::run(&settings, engine, metrics, cancel).await;
     http_stop.cancel();
     let _ = server.await;
     result.map(|_| ()).map_err(Into::into)
@@ -197,6 +207,9 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
     raw.kafka.brokers = cluster.bootstrap_servers();
     raw.kafka.group_id = "segstream-demo".into();
     raw.http.bind = opts.http_bind.clone();
+    // A demo lasts seconds, not months: let value labels mature (and sweeps run) in seconds.
+    raw.model.value_horizon = Duration::from_secs(5);
+    raw.model.sweep_interval = Duration::from_secs(5);
     let settings = raw.validate()?;
     let t = &settings.kafka.topics;
     for topic in [
@@ -222,7 +235,10 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
 
     let pipeline = {
         let (settings, metrics, stop) = (settings.clone(), metrics.clone(), stop.child_token());
-        tokio::spawn(async move { pipeline::run(&settings, metrics, stop).await })
+        tokio::spawn(async move {
+            let engine = Engine::new(&settings);
+            pipeline::run(&settings, engine, metrics, stop).await
+        })
     };
     let gen_opts = GenerateOptions {
         rate: opts.rate,
@@ -298,7 +314,14 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
     };
     println!("\nFinal segments:");
     for s in &segments {
-        println!("  segment {:>2}: {:>6} users  {}", s.id, s.size, s.label);
+        println!(
+            "  segment {:>2}: {:>6} users  value {:>8.2}  {:<22} {}",
+            s.id,
+            s.size,
+            s.mean_predicted_value,
+            s.action.as_deref().unwrap_or("-"),
+            s.label
+        );
     }
     println!(
         "generated {} records ({} malformed); consumed {}, applied {}, dead-lettered {}, segment changes {}",

@@ -2,7 +2,7 @@
 
 use crate::app::{self, DemoOptions, GenerateOptions};
 use crate::config::RawConfig;
-use crate::replay::{self, ReplayInputs, ReplayOutputs};
+use crate::replay::{self, ReplayInputs, ReplayOptions, ReplayOutputs};
 use crate::retail;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -34,7 +34,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service against a Kafka cluster.
-    Run(ConfigArgs),
+    Run(RunArgs),
     /// Run everything in-process on an embedded Kafka cluster with synthetic traffic.
     Demo(DemoArgs),
     /// Produce synthetic persona traffic (with some malformed records) to a Kafka cluster.
@@ -43,6 +43,8 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Convert the UCI Online Retail CSV into purchase events (NDJSON) for replay.
     Retail(RetailArgs),
+    /// Print the segment catalogue of a saved model.
+    Segments(SegmentsArgs),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -76,7 +78,7 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    fn load(&self) -> anyhow::Result<crate::config::Settings> {
+    pub fn load(&self) -> anyhow::Result<crate::config::Settings> {
         let mut flags = Figment::new();
         if let Some(b) = &self.brokers {
             flags = flags.merge(("kafka.brokers", b));
@@ -89,6 +91,28 @@ impl ConfigArgs {
         }
         Ok(RawConfig::load_with(self.config.as_deref(), flags)?.validate()?)
     }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Warm-start from a model saved by `segstream replay --save-model`.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SegmentsArgs {
+    /// Configuration the model was trained with (feature weights, actions).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The saved model.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +184,16 @@ pub struct ReplayArgs {
     /// Where to write unusable lines with their reasons (NDJSON).
     #[arg(long)]
     pub dead_letters_out: Option<PathBuf>,
+    /// Save the trained model here (for `run --model` and `segments`).
+    #[arg(long)]
+    pub save_model: Option<PathBuf>,
+    /// Start from this saved model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Replay only events up to this time (RFC 3339, e.g. 2011-09-09T00:00:00Z) and report the
+    /// state as of it.
+    #[arg(long)]
+    pub until: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -178,7 +212,26 @@ pub struct RetailArgs {
 /// Runs a parsed command. `cancel` fires on SIGINT/SIGTERM.
 pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => app::run(args.load()?, cancel).await,
+        Command::Run(args) => app::run(args.config.load()?, args.model.as_deref(), cancel).await,
+        Command::Segments(a) => {
+            let settings = RawConfig::load(a.config.as_deref())?.validate()?;
+            let engine = crate::engine::Engine::with_model(&settings, &a.model)
+                .with_context(|| format!("loading model {}", a.model.display()))?;
+            let segments = engine.segments();
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&segments)?);
+            } else {
+                for s in segments {
+                    println!(
+                        "{:>3}  {:<24} {}",
+                        s.id,
+                        s.action.as_deref().unwrap_or("-"),
+                        s.label
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Demo(a) => {
             let report = app::demo(
                 DemoOptions {
@@ -233,12 +286,31 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     changes: a.changes_out,
                     users: a.users_out,
                     dead_letters: a.dead_letters_out,
+                    model: a.save_model,
+                },
+                &ReplayOptions {
+                    model: a.model,
+                    until_ms: a
+                        .until
+                        .map(|u| {
+                            chrono::DateTime::parse_from_rfc3339(&u)
+                                .map(|t| t.timestamp_millis())
+                                .with_context(|| format!("--until {u}: expected RFC 3339"))
+                        })
+                        .transpose()?,
                 },
             )?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             println!("segments:");
             for s in engine.segments() {
-                println!("  {:>2}: {:>6} users  {}", s.id, s.size, s.label);
+                println!(
+                    "  {:>2}: {:>6} users  value {:>9.2}  {:<24} {}",
+                    s.id,
+                    s.size,
+                    s.mean_predicted_value,
+                    s.action.as_deref().unwrap_or("-"),
+                    s.label
+                );
             }
             Ok(())
         }

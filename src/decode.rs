@@ -47,6 +47,9 @@ pub enum DecodeError {
     BadRating,
     #[error("event time is {skew_ms} ms away from now, outside the allowed range")]
     EventTimeOutOfRange { skew_ms: i64 },
+    /// Raised by the engine, not the decoder, under `features.late_policy = "dead_letter"`.
+    #[error("event is older than the user's latest event by more than features.allowed_lateness")]
+    TooLate,
 }
 
 impl DecodeError {
@@ -68,11 +71,12 @@ impl DecodeError {
             DecodeError::NoItems => "no_items",
             DecodeError::BadRating => "bad_rating",
             DecodeError::EventTimeOutOfRange { .. } => "event_time_out_of_range",
+            DecodeError::TooLate => "too_late",
         }
     }
 
     /// Every code, for documentation and for pre-registering metric series.
-    pub const CODES: [&'static str; 15] = [
+    pub const CODES: [&'static str; 16] = [
         "too_large",
         "empty",
         "bad_magic",
@@ -88,6 +92,7 @@ impl DecodeError {
         "no_items",
         "bad_rating",
         "event_time_out_of_range",
+        "too_late",
     ];
 }
 

@@ -96,6 +96,7 @@ mod tests {
             event_time: 1,
             emit_time: 2,
             model_version: 7,
+            action: Some("vip".into()),
         };
         for f in [WireFormat::Avro, WireFormat::Json] {
             assert_eq!(decode_change(&encode_change(&c, f, 4), f).unwrap(), c);

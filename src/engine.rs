@@ -1,36 +1,51 @@
 //! The pure core: applies one validated event to the user's state and the models, and says
 //! whether the user's segment changed. Used unchanged by the Kafka pipeline, replay and benches.
 //!
-//! No Kafka, no tokio, no clock: the caller passes the wall-clock time used for `emit_time`.
+//! No Kafka, no tokio, no clock: event time drives features, forgetting, label maturity and
+//! sweeps; the caller passes the wall-clock time used only for `emit_time`.
 
-use crate::config::ModelConfig;
-use crate::event::{ChangeReason, Event, OrderStatus, SegmentChange, UserId};
-use crate::features::{Decay, UserState, Vector};
-use crate::model::{KMeans, Scaler, Sgd};
+use crate::config::{ActionRule, LatePolicy, Settings};
+use crate::event::{ChangeReason, Event, SegmentChange, UserId};
+use crate::features::{
+    category_bucket, feature_name, group_of, FeatureParams, Group, LabelWindow, UserState, Vector,
+    CATEGORY_BUCKETS, DIM, LAYOUT_VERSION,
+};
+use crate::model::{KMeans, Nearest, Scaler, Sgd};
 use crate::store::Store;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
 
-/// The models shared by all users.
-pub struct Models {
-    scaler: Scaler,
-    kmeans: KMeans,
-    sgd: Sgd,
-    hysteresis: f64,
+/// What happened to one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Its event id was applied recently for this user; ignored.
+    Duplicate,
+    /// Older than the user's latest event by more than the allowed lateness.
+    Late {
+        applied: bool,
+    },
 }
 
 /// What applying one event produced.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Applied {
-    /// Set when the user's segment changed (including the first assignment).
-    pub change: Option<SegmentChange>,
+    pub outcome: Outcome,
+    /// Segment changes: the event's user's (if any) first, then any from a sweep it triggered.
+    pub changes: Vec<SegmentChange>,
 }
 
-/// Summary of one segment.
+/// Summary of one segment, for the catalogue.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SegmentInfo {
     pub id: u32,
     pub label: String,
     pub size: i64,
+    pub mean_predicted_value: f64,
+    pub action: Option<String>,
+    /// Centroid in named features, as unweighted z-scores.
+    pub centroid: Vec<(String, f64)>,
 }
 
 /// One user's final state, as replay and the Kafka path dump it.
@@ -41,82 +56,323 @@ pub struct UserDump {
     pub predicted_value: f64,
     pub events: u64,
     pub features: serde_json::Map<String, serde_json::Value>,
+    /// The vector the models see (standardised, clipped, weighted).
+    pub model_vector: Vec<f64>,
+}
+
+/// Counters the metrics mirror.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub applied: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub flaps: u64,
+    pub sweeps: u64,
+    pub labels_matured: u64,
+}
+
+/// The models shared by all users; what `--save-model` writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Models {
+    pub layout_version: u32,
+    pub feature_names: Vec<String>,
+    scaler: Scaler,
+    kmeans: KMeans,
+    sgd: Sgd,
+    /// Per category bucket, the names seen and how often (bounded), to name segments.
+    category_names: Vec<HashMap<String, u64>>,
+    /// Exponentially weighted mean distance of events' vectors to their nearest centroid.
+    #[serde(default)]
+    distance_ewma: f64,
+}
+
+/// Why a saved model was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read model file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("model file is not a segstream model: {0}")]
+    Format(#[from] serde_json::Error),
+    #[error("model feature layout is version {got} ({dim} features) but this build uses version {want} ({want_dim} features); retrain it with `segstream replay --save-model`")]
+    Layout {
+        got: u32,
+        dim: usize,
+        want: u32,
+        want_dim: usize,
+    },
+    #[error("model has {got} segments but model.k is {want}")]
+    K { got: usize, want: usize },
+}
+
+struct Rules {
+    lateness_ms: i64,
+    late_policy: LatePolicy,
+    hysteresis: f64,
+    min_dwell_events: u32,
+    min_dwell_ms: i64,
+    flap_window_ms: i64,
+    sweep_ms: i64,
+    horizon_ms: i64,
+    actions: Vec<ActionRule>,
+    half_life_days: [f64; 3],
 }
 
 pub struct Engine {
     store: Store,
-    decay: Decay,
+    params: FeatureParams,
     models: Models,
+    rules: Rules,
     segment_sizes: Vec<i64>,
-    applied: u64,
-    /// Applied-event count at which the next k-means fit runs.
+    segment_value: Vec<f64>,
+    counters: Counters,
+    watermark_ms: i64,
+    next_sweep_ms: i64,
     next_fit: u64,
     fits_left: u32,
 }
 
 /// Fits after the seeding one, at 4×, 16× and 64× `init_events`.
 const REFITS: u32 = 3;
+/// Names remembered per category bucket.
+const NAMES_PER_BUCKET: usize = 32;
+
+fn ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// One user's decision after an event or a sweep.
+struct Decision {
+    prev: Option<u32>,
+    new: u32,
+    nearest: Nearest,
+    flap: bool,
+}
 
 impl Engine {
-    pub fn new(half_life_ms: f64, m: &ModelConfig) -> Self {
+    pub fn new(s: &Settings) -> Self {
+        let f = &s.features;
+        let m = &s.model;
+        let mut weights = [0.0; DIM];
+        for (i, w) in weights.iter_mut().enumerate() {
+            *w = match group_of(i) {
+                Group::Behaviour => f.weights.behaviour,
+                Group::Purchases => f.weights.purchases,
+                Group::Category => f.weights.category,
+                Group::Social => f.weights.social,
+                Group::Text => f.weights.text,
+                Group::Embedding => f.weights.embedding,
+            };
+        }
         Self {
             store: Store::default(),
-            decay: Decay::from_half_life_ms(half_life_ms),
+            params: FeatureParams::new(f.half_lives.map(|d| d.as_millis() as f64), m.seed),
             models: Models {
-                scaler: Scaler::new(m.clip_z),
-                kmeans: KMeans::new(m.k, m.seed, m.init_users, m.batch_size),
+                layout_version: LAYOUT_VERSION,
+                feature_names: (0..DIM).map(feature_name).collect(),
+                scaler: Scaler::weighted(m.clip_z, weights),
+                kmeans: KMeans::with_forgetting(
+                    m.k,
+                    m.seed,
+                    m.init_users,
+                    m.batch_size,
+                    m.forgetting_half_life.as_millis() as f64,
+                ),
                 sgd: Sgd::new(m.sgd_learning_rate, m.sgd_l2),
+                category_names: vec![HashMap::new(); CATEGORY_BUCKETS],
+                distance_ewma: 0.0,
+            },
+            rules: Rules {
+                lateness_ms: ms(f.allowed_lateness),
+                late_policy: f.late_policy,
                 hysteresis: m.hysteresis,
+                min_dwell_events: m.min_dwell_events,
+                min_dwell_ms: ms(m.min_dwell),
+                flap_window_ms: ms(m.flap_window),
+                sweep_ms: ms(m.sweep_interval),
+                horizon_ms: ms(m.value_horizon),
+                actions: m.actions.clone(),
+                half_life_days: f.half_lives.map(|d| d.as_secs_f64() / 86_400.0),
             },
             segment_sizes: vec![0; m.k],
-            applied: 0,
+            segment_value: vec![0.0; m.k],
+            counters: Counters::default(),
+            watermark_ms: i64::MIN,
+            next_sweep_ms: i64::MIN,
             next_fit: m.init_events,
             fits_left: 1 + REFITS,
         }
     }
 
+    /// An engine that starts from a saved model (warm start): no re-seeding, the same ids.
+    pub fn with_model(s: &Settings, path: &Path) -> Result<Self, ModelError> {
+        let mut models: Models = serde_json::from_slice(&std::fs::read(path)?)?;
+        if models.layout_version != LAYOUT_VERSION || models.feature_names.len() != DIM {
+            return Err(ModelError::Layout {
+                got: models.layout_version,
+                dim: models.feature_names.len(),
+                want: LAYOUT_VERSION,
+                want_dim: DIM,
+            });
+        }
+        if models.kmeans.k() != s.model.k {
+            return Err(ModelError::K {
+                got: models.kmeans.k(),
+                want: s.model.k,
+            });
+        }
+        models.kmeans.after_load();
+        let mut e = Self::new(s);
+        if models.kmeans.is_seeded() {
+            e.fits_left = 0;
+        }
+        e.models = models;
+        Ok(e)
+    }
+
+    /// Writes the models (not the per-user state) as JSON.
+    pub fn save_model(&self, path: &Path) -> Result<(), ModelError> {
+        std::fs::write(path, serde_json::to_vec(&self.models)?)?;
+        Ok(())
+    }
+
     /// Applies one validated event. `now_ms` is only written into `emit_time`.
     pub fn apply(&mut self, event: &Event, now_ms: i64) -> Applied {
-        self.applied += 1;
-        let decay = self.decay;
-        let models = &mut self.models;
-        let outcome = self.store.update(event.user_id(), |state| {
+        let t = event.event_time();
+        self.watermark_ms = self.watermark_ms.max(t);
+        if self.next_sweep_ms == i64::MIN {
+            self.next_sweep_ms = t.saturating_add(self.rules.sweep_ms);
+        }
+        self.remember_category(event);
+        let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
+        let step = self.store.update(event.user_id(), |state| {
+            if state.events > 0 && state.is_duplicate(event.event_id()) {
+                return Err(Outcome::Duplicate);
+            }
+            let late = state.events > 0 && t < state.anchor_ms.saturating_sub(rules.lateness_ms);
+            if late && rules.late_policy == LatePolicy::DeadLetter {
+                return Err(Outcome::Late { applied: false });
+            }
             if state.events == 0 {
                 models.kmeans.offer_user(event.user_id());
             }
-            let before = state.vector();
-            state.apply(event, decay);
-            let after = state.vector();
-            models.step(event, state, &before, &after)
-        });
-        let change = outcome.map(|(prev, new, distance, confidence, version, predicted)| {
-            if let Some(p) = prev {
-                self.segment_sizes[p as usize] -= 1;
+            let before = state.vector(params);
+            models.open_or_mature_label(state, t, &before, rules.horizon_ms);
+            if let Some(w) = state.label.as_mut() {
+                if t >= w.start_ms {
+                    w.spend += UserState::net_spend(event);
+                }
             }
-            self.segment_sizes[new as usize] += 1;
-            SegmentChange {
-                user_id: event.user_id().to_owned(),
-                previous_segment: prev.map(|p| p as i32),
-                new_segment: new as i32,
-                segment_label: self.models.kmeans.label(new as usize),
-                distance,
-                confidence,
-                predicted_value: predicted,
-                version,
-                reason: if prev.is_some() {
-                    ChangeReason::Moved
-                } else {
-                    ChangeReason::FirstAssignment
-                },
-                event_time: event.event_time(),
-                emit_time: now_ms,
-                model_version: self.models.kmeans.version() as i64,
-            }
+            state.apply(event, params);
+            state.events_in_segment = state.events_in_segment.saturating_add(1);
+            let after = state.vector(params);
+            models.scaler.observe(&after);
+            let z = models.scaler.transform(&after);
+            let old = (state.segment, state.predicted_value);
+            state.predicted_value = models.predict(&z);
+            let decision = models.decide(state, &z, t, rules, true);
+            let outcome = if late {
+                Outcome::Late { applied: true }
+            } else {
+                Outcome::Applied
+            };
+            Ok((outcome, old, state.predicted_value, decision, state.version))
         });
-        if self.applied >= self.next_fit && self.fits_left > 0 {
+        let mut changes = Vec::new();
+        let outcome = match step {
+            Err(o) => {
+                match o {
+                    Outcome::Duplicate => self.counters.duplicates += 1,
+                    _ => self.counters.late += 1,
+                }
+                o
+            }
+            Ok((outcome, old, predicted, decision, version)) => {
+                self.counters.applied += 1;
+                if matches!(outcome, Outcome::Late { .. }) {
+                    self.counters.late += 1;
+                }
+                self.account(old, predicted, decision.as_ref());
+                if let Some(d) = decision {
+                    changes.push(self.change(event.user_id(), &d, predicted, version, t, now_ms));
+                }
+                outcome
+            }
+        };
+        if self.counters.applied >= self.next_fit && self.fits_left > 0 {
             self.fit();
         }
-        Applied { change }
+        if self.watermark_ms >= self.next_sweep_ms {
+            changes.extend(self.sweep(now_ms));
+        }
+        Applied { outcome, changes }
+    }
+
+    /// Keeps segment sizes and value sums in step with one user's update.
+    fn account(&mut self, old: (Option<u32>, f64), predicted: f64, d: Option<&Decision>) {
+        if account(
+            &mut self.segment_sizes,
+            &mut self.segment_value,
+            old,
+            predicted,
+            d,
+        ) {
+            self.counters.flaps += 1;
+        }
+    }
+
+    fn change(
+        &self,
+        user: &str,
+        d: &Decision,
+        predicted: f64,
+        version: i64,
+        event_time: i64,
+        now_ms: i64,
+    ) -> SegmentChange {
+        let n = d.nearest;
+        let confidence = if n.second_dist.is_finite() && n.second_dist > 0.0 {
+            (1.0 - n.best_dist / n.second_dist).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        SegmentChange {
+            user_id: user.to_owned(),
+            previous_segment: d.prev.map(|p| p as i32),
+            new_segment: d.new as i32,
+            segment_label: self.describe(d.new as usize),
+            distance: n.best_dist,
+            confidence,
+            predicted_value: predicted,
+            version,
+            reason: if d.prev.is_some() {
+                ChangeReason::Moved
+            } else {
+                ChangeReason::FirstAssignment
+            },
+            event_time,
+            emit_time: now_ms,
+            model_version: self.models.kmeans.version() as i64,
+            action: self.action(d.new as usize, Some(predicted)),
+        }
+    }
+
+    fn remember_category(&mut self, event: &Event) {
+        let mut note = |c: &str| {
+            if c.is_empty() {
+                return;
+            }
+            let names = &mut self.models.category_names[category_bucket(c)];
+            if let Some(n) = names.get_mut(c) {
+                *n += 1;
+            } else if names.len() < NAMES_PER_BUCKET {
+                names.insert(c.to_owned(), 1);
+            }
+        };
+        match event {
+            Event::Click(c) => note(&c.category),
+            Event::Purchase(p) => p.items.iter().for_each(|i| note(&i.category)),
+            Event::Social(s) => note(s.target_category.as_deref().unwrap_or("")),
+        }
     }
 
     /// Seeds or refits k-means on the sampled users' current vectors.
@@ -127,21 +383,182 @@ impl Engine {
             .sample()
             .iter()
             .filter_map(|u| self.store.get(u))
-            .map(|s| self.models.scaler.transform(&s.vector()))
+            .map(|s| self.models.scaler.transform(&s.vector(&self.params)))
             .collect();
         if points.len() < self.models.kmeans.k() {
             // Too few users yet: try again a little later.
-            self.next_fit = self.applied + self.applied.max(1) / 2;
+            self.next_fit = self.counters.applied + self.counters.applied.max(1) / 2;
             return;
         }
         self.models.kmeans.fit(&points);
         self.fits_left -= 1;
-        self.next_fit = self.applied.saturating_mul(4);
+        self.next_fit = self.counters.applied.saturating_mul(4);
+    }
+
+    /// Moves the event-time watermark to `t` (if later) and sweeps there: replay ends with this
+    /// so the final state is "as of" a chosen time, idle users decayed to it.
+    pub fn advance_to(&mut self, t: i64, now_ms: i64) -> Vec<SegmentChange> {
+        self.watermark_ms = self.watermark_ms.max(t);
+        self.sweep(now_ms)
+    }
+
+    /// Visits every user at the event-time watermark: matures value labels whose horizon passed
+    /// (idle users' labels too, so the value model also learns from users who stopped buying),
+    /// and re-assigns users to the drifted centroids. Returns the resulting segment changes.
+    pub fn sweep(&mut self, now_ms: i64) -> Vec<SegmentChange> {
+        let at = self.watermark_ms;
+        self.next_sweep_ms = at.saturating_add(self.rules.sweep_ms);
+        self.counters.sweeps += 1;
+        let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
+        let (sizes, values) = (&mut self.segment_sizes, &mut self.segment_value);
+        let mut decided = Vec::new();
+        let (mut matured, mut flaps) = (0, 0);
+        self.store.update_all(|user, state| {
+            let x = state.vector_at(at, params);
+            if models.open_or_mature_label(state, at, &x, rules.horizon_ms) {
+                matured += 1;
+            }
+            let z = models.scaler.transform(&x);
+            let old = (state.segment, state.predicted_value);
+            state.predicted_value = models.predict(&z);
+            let d = models.decide(state, &z, at, rules, false);
+            if account(sizes, values, old, state.predicted_value, d.as_ref()) {
+                flaps += 1;
+            }
+            if let Some(d) = d {
+                decided.push((user.clone(), d, state.predicted_value, state.version));
+            }
+        });
+        self.counters.labels_matured += matured;
+        self.counters.flaps += flaps;
+        decided
+            .into_iter()
+            .map(|(user, d, predicted, version)| {
+                self.change(user.as_str(), &d, predicted, version, at, now_ms)
+            })
+            .collect()
+    }
+
+    /// A description of segment `j` in words, from the features its centroid stands out on.
+    pub fn describe(&self, j: usize) -> String {
+        let Some(c) = self.models.kmeans.centroids() else {
+            return String::new();
+        };
+        let mut feats: Vec<(usize, f64)> = (0..DIM)
+            .filter(|&i| self.models.scaler.weight(i) > 0.0)
+            .map(|i| (i, c[[j, i]] / self.models.scaler.weight(i)))
+            .collect();
+        feats.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
+        let mut words: Vec<String> = Vec::new();
+        let mut kinds: Vec<String> = Vec::new();
+        for (i, z) in feats {
+            if words.len() == 3 || z.abs() < 0.5 {
+                break;
+            }
+            let name = feature_name(i);
+            // One phrase per behaviour kind, whatever its half-life.
+            let kind = name.split("_per_day_").next().unwrap_or(&name).to_owned();
+            if kinds.contains(&kind) {
+                continue;
+            }
+            if let Some(p) = self.phrase(i, &name, z) {
+                kinds.push(kind);
+                words.push(p);
+            }
+        }
+        if words.is_empty() {
+            "typical shopper".into()
+        } else {
+            words.join(", ")
+        }
+    }
+
+    fn phrase(&self, i: usize, name: &str, z: f64) -> Option<String> {
+        let high = z > 0.0;
+        let pick = |h: &str, l: &str| Some(if high { h } else { l }.to_owned());
+        if let Some((kind, suffix)) = name.split_once("_per_day_") {
+            let h = ["short", "medium", "long"]
+                .iter()
+                .position(|s| *s == suffix)?;
+            let days = self.rules.half_life_days[h];
+            let what = kind.replace('_', " ");
+            return Some(format!(
+                "{} {days:.0}-day {what}",
+                if high { "high" } else { "low" }
+            ));
+        }
+        match name {
+            "recency_days" => pick("lapsed buyer", "recent buyer"),
+            "frequency" => pick("frequent buyer", "rarely buys"),
+            "monetary" => Some(format!(
+                "{} {:.0}-day spend",
+                if high { "high" } else { "low" },
+                self.rules.half_life_days[2]
+            )),
+            "basket_size" => pick("large baskets", "small baskets"),
+            "avg_unit_price" => pick("premium products", "low-price products"),
+            "cancel_rate" => pick("often cancels or returns", "rarely cancels"),
+            "engagements" => pick("socially active", "socially quiet"),
+            "reviews" => pick("frequent reviewer", "rarely reviews"),
+            "mean_rating" => pick("positive reviewer", "critical reviewer"),
+            "sentiment" => pick("positive reviews", "negative reviews"),
+            n if n.starts_with("category_") && high => {
+                let b = i - (0..DIM).find(|&k| feature_name(k) == "category_0")?;
+                Some(format!("strong affinity to {}", self.category_name(b)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The most frequent category name seen in bucket `b`.
+    fn category_name(&self, b: usize) -> String {
+        self.models.category_names[b]
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+            .map_or_else(|| format!("category group {b}"), |(n, _)| n.clone())
+    }
+
+    /// The segment's strongest category name.
+    fn top_category(&self, j: usize) -> String {
+        let first = (0..DIM)
+            .find(|&k| feature_name(k) == "category_0")
+            .unwrap_or(0);
+        let best = self.models.kmeans.centroids().map_or(0, |c| {
+            (0..CATEGORY_BUCKETS)
+                .max_by(|&a, &b| c[[j, first + a]].total_cmp(&c[[j, first + b]]))
+                .unwrap_or(0)
+        });
+        self.category_name(best)
+    }
+
+    /// The first action rule that segment `j` (and the user's value, if given) satisfies.
+    fn action(&self, j: usize, user_value: Option<f64>) -> Option<String> {
+        let c = self.models.kmeans.centroids()?;
+        self.rules.actions.iter().find_map(|r| {
+            if let Some(min) = r.min_user_value {
+                if user_value.is_none_or(|v| v < min) {
+                    return None;
+                }
+            }
+            if let Some(f) = &r.feature {
+                let i = (0..DIM).find(|&k| feature_name(k) == *f)?;
+                let w = self.models.scaler.weight(i);
+                let z = if w > 0.0 { c[[j, i]] / w } else { 0.0 };
+                if r.min_z.is_some_and(|m| z < m) || r.max_z.is_some_and(|m| z > m) {
+                    return None;
+                }
+            }
+            Some(r.tag.replace("{category}", &self.top_category(j)))
+        })
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
     }
 
     /// Events applied so far.
     pub fn applied(&self) -> u64 {
-        self.applied
+        self.counters.applied
     }
 
     pub fn users(&self) -> usize {
@@ -160,18 +577,76 @@ impl Engine {
         self.models.kmeans.is_seeded()
     }
 
-    /// Progressive mean absolute error of the value model, in log1p(currency) units.
-    pub fn value_mae(&self) -> f64 {
-        self.models.sgd.mean_abs_error()
+    pub fn kmeans_repairs(&self) -> u64 {
+        self.models.kmeans.repairs()
     }
 
-    /// Size and label of every segment, by id.
+    /// Progressive (mean absolute, root mean squared) error of the value model, in
+    /// log1p(currency) units, and the number of labels it learned from.
+    pub fn value_errors(&self) -> (f64, f64, u64) {
+        let s = &self.models.sgd;
+        (s.mean_abs_error(), s.rmse(), s.examples())
+    }
+
+    /// Mean distance of recent events' vectors to their nearest centroid (exponentially
+    /// weighted over about a thousand events), in model space: the k-means quality signal.
+    pub fn mean_distance(&self) -> f64 {
+        self.models.distance_ewma
+    }
+
+    /// Users per segment, by id.
+    pub fn segment_sizes(&self) -> Vec<(u32, i64)> {
+        self.segment_sizes
+            .iter()
+            .enumerate()
+            .map(|(j, n)| (j as u32, *n))
+            .collect()
+    }
+
+    /// The k-means inertia of the assigned users (sum of squared distances to the centroid of
+    /// their segment), and their count. Visits every user: for reports, not the hot path.
+    pub fn inertia(&self) -> (f64, usize) {
+        let v = self.assigned_vectors();
+        let Some(c) = self.models.kmeans.centroids() else {
+            return (0.0, 0);
+        };
+        let total = v
+            .iter()
+            .map(|(_, s, z)| {
+                c.row(*s as usize)
+                    .iter()
+                    .zip(z)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f64>()
+            })
+            .sum();
+        (total, v.len())
+    }
+
+    /// The catalogue: every segment with its description, size, value and action.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         (0..self.models.kmeans.k())
-            .map(|j| SegmentInfo {
-                id: j as u32,
-                label: self.models.kmeans.label(j),
-                size: self.segment_sizes[j],
+            .map(|j| {
+                let size = self.segment_sizes[j];
+                SegmentInfo {
+                    id: j as u32,
+                    label: self.describe(j),
+                    size,
+                    mean_predicted_value: if size > 0 {
+                        self.segment_value[j] / size as f64
+                    } else {
+                        0.0
+                    },
+                    action: self.action(j, None),
+                    centroid: self.models.kmeans.centroids().map_or_else(Vec::new, |c| {
+                        (0..DIM)
+                            .map(|i| {
+                                let w = self.models.scaler.weight(i);
+                                (feature_name(i), if w > 0.0 { c[[j, i]] / w } else { 0.0 })
+                            })
+                            .collect()
+                    }),
+                }
             })
             .collect()
     }
@@ -181,90 +656,141 @@ impl Engine {
         self.store
             .snapshot()
             .into_iter()
-            .map(|(id, s): (UserId, UserState)| UserDump {
-                user_id: id.as_str().to_owned(),
-                segment: s.segment,
-                predicted_value: s.predicted_value,
-                events: s.events,
-                features: s
-                    .named()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), serde_json::json!(v)))
-                    .collect(),
+            .map(|(id, s): (UserId, UserState)| {
+                let x = s.vector(&self.params);
+                UserDump {
+                    user_id: id.as_str().to_owned(),
+                    segment: s.segment,
+                    predicted_value: s.predicted_value,
+                    events: s.events,
+                    features: s
+                        .named(&self.params)
+                        .into_iter()
+                        .map(|(k, v)| (k, serde_json::json!(v)))
+                        .collect(),
+                    model_vector: self.models.scaler.transform(&x).to_vec(),
+                }
             })
             .collect()
     }
 
-    /// Standardised vectors of all assigned users with their segment (for quality checks).
+    /// Model-space vectors of all assigned users with their segment (for quality checks).
     pub fn assigned_vectors(&self) -> Vec<(String, u32, Vector)> {
         self.store
             .snapshot()
             .into_iter()
             .filter_map(|(id, s)| {
-                s.segment.map(|seg| {
-                    (
-                        id.as_str().to_owned(),
-                        seg,
-                        self.models.scaler.transform(&s.vector()),
-                    )
-                })
+                let z = self.models.scaler.transform(&s.vector(&self.params));
+                s.segment.map(|seg| (id.as_str().to_owned(), seg, z))
             })
             .collect()
     }
+
+    pub fn feature_params(&self) -> &FeatureParams {
+        &self.params
+    }
 }
 
-/// (previous segment, new segment, distance, confidence, version, predicted value)
-type Change = (Option<u32>, u32, f64, f64, i64, f64);
+/// Segment sizes and value sums after one user's update; returns whether the move was a flap.
+fn account(
+    sizes: &mut [i64],
+    values: &mut [f64],
+    (old_seg, old_pred): (Option<u32>, f64),
+    predicted: f64,
+    d: Option<&Decision>,
+) -> bool {
+    match (old_seg, d) {
+        (Some(s), None) => values[s as usize] += predicted - old_pred,
+        (_, Some(d)) => {
+            if let Some(p) = d.prev {
+                sizes[p as usize] -= 1;
+                values[p as usize] -= old_pred;
+            }
+            sizes[d.new as usize] += 1;
+            values[d.new as usize] += predicted;
+            return d.flap;
+        }
+        (None, None) => {}
+    }
+    false
+}
 
 impl Models {
-    /// Updates the models with the user's new vector and decides the user's segment.
-    fn step(
-        &mut self,
-        event: &Event,
-        state: &mut UserState,
-        before: &Vector,
-        after: &Vector,
-    ) -> Option<Change> {
-        // Value model: a placed order is a label for the features the user had just before it.
-        if let Event::Purchase(p) = event {
-            if p.status == OrderStatus::Placed {
-                let x = self.scaler.transform(before);
-                self.sgd.train(&x, p.total.ln_1p());
-            }
-        }
-        self.scaler.observe(after);
-        let z = self.scaler.transform(after);
-        state.predicted_value = self.sgd.predict(&z).clamp(0.0, 30.0).exp_m1();
+    /// `expm1` of the linear prediction, clamped to a sane range: currency over the horizon.
+    fn predict(&self, z: &Vector) -> f64 {
+        self.sgd.predict(z).clamp(0.0, 30.0).exp_m1()
+    }
 
-        let nearest = self.kmeans.nearest(&z)?;
-        self.kmeans.learn(nearest.best, &z);
-        let best = nearest.best as u32;
-        let keep = match state.segment {
-            Some(cur) if cur == best => true,
-            // Hysteresis: move only when the new centroid is clearly closer.
-            Some(cur) => {
-                nearest.best_dist
-                    >= self.kmeans.distance_to(cur as usize, &z) * (1.0 - self.hysteresis)
+    /// Delayed labels: when a user's window has reached the horizon at `t`, its spend is the
+    /// label for the features at its start; a new window opens at `t` with features `x`.
+    /// Returns whether a label matured.
+    fn open_or_mature_label(
+        &mut self,
+        state: &mut UserState,
+        t: i64,
+        x: &Vector,
+        horizon: i64,
+    ) -> bool {
+        let mut matured = false;
+        if let Some(w) = state.label.as_ref() {
+            if t >= w.start_ms.saturating_add(horizon) {
+                let xz = self.scaler.transform(&w.x);
+                self.sgd.train(&xz, w.spend.max(0.0).ln_1p());
+                state.label = None;
+                matured = true;
             }
-            None => false,
-        };
-        if keep {
-            return None;
         }
-        let prev = state.segment.replace(best);
+        if state.label.is_none() {
+            state.label = Some(Box::new(LabelWindow {
+                start_ms: t,
+                x: *x,
+                spend: 0.0,
+            }));
+        }
+        matured
+    }
+
+    /// Learns from `z` (on events) and decides the user's segment, with hysteresis, minimum
+    /// dwell and flap detection. Returns the decision when the segment changes.
+    fn decide(
+        &mut self,
+        state: &mut UserState,
+        z: &Vector,
+        t: i64,
+        rules: &Rules,
+        learn: bool,
+    ) -> Option<Decision> {
+        let nearest = self.kmeans.nearest(z)?;
+        if learn {
+            self.kmeans.learn(nearest.best, z, t);
+            // About the last thousand events.
+            self.distance_ewma += (nearest.best_dist - self.distance_ewma) * 1e-3;
+        }
+        let best = nearest.best as u32;
+        let prev = state.segment;
+        if let Some(cur) = prev {
+            if cur == best
+                || state.events_in_segment < rules.min_dwell_events
+                || t.saturating_sub(state.segment_since_ms) < rules.min_dwell_ms
+                || nearest.best_dist
+                    >= self.kmeans.distance_to(cur as usize, z) * (1.0 - rules.hysteresis)
+            {
+                return None;
+            }
+        }
+        let flap = matches!(state.left_segment, Some((s, left)) if s == best && t.saturating_sub(left) <= rules.flap_window_ms);
+        if let Some(cur) = prev {
+            state.left_segment = Some((cur, t));
+        }
+        state.segment = Some(best);
+        state.segment_since_ms = t;
+        state.events_in_segment = 0;
         state.version += 1;
-        let confidence = if nearest.second_dist.is_finite() && nearest.second_dist > 0.0 {
-            (1.0 - nearest.best_dist / nearest.second_dist).clamp(0.0, 1.0)
-        } else {
-            1.0
-        };
-        Some((
+        Some(Decision {
             prev,
-            best,
-            nearest.best_dist,
-            confidence,
-            state.version,
-            state.predicted_value,
-        ))
+            new: best,
+            nearest,
+            flap,
+        })
     }
 }

@@ -225,4 +225,6 @@ pub struct SegmentChange {
     pub event_time: i64,
     pub emit_time: i64,
     pub model_version: i64,
+    #[serde(default)]
+    pub action: Option<String>,
 }

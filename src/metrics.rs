@@ -26,6 +26,35 @@ pub struct Metrics {
     rebalances: IntCounterVec,
     ready: IntGauge,
     commits_failed: IntCounter,
+    duplicates: IntCounterVec,
+    late: IntCounterVec,
+    flaps: IntCounter,
+    repairs: IntCounter,
+    labels: IntCounter,
+    value_rmse: Gauge,
+    mean_distance: Gauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn fgauge(r: &Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+/// Engine counters as last mirrored into the metrics, so they can be added as deltas.
+#[derive(Default)]
+pub struct Mirror {
+    flaps: u64,
+    repairs: u64,
+    labels: u64,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -153,6 +182,43 @@ impl Metrics {
                     .expect("metric registered once");
                 c
             },
+            duplicates: counter_vec(
+                &r,
+                "segstream_events_duplicate_total",
+                "Events ignored because their event id was applied recently for the same user.",
+                &["topic"],
+            ),
+            late: counter_vec(
+                &r,
+                "segstream_events_late_total",
+                "Events later than features.allowed_lateness, by topic and what was done (applied, dead_letter).",
+                &["topic", "policy"],
+            ),
+            flaps: counter(
+                &r,
+                "segstream_segment_flaps_total",
+                "Moves back to the segment a user left within model.flap_window.",
+            ),
+            repairs: counter(
+                &r,
+                "segstream_kmeans_repairs_total",
+                "Dead k-means centroids moved to split the largest segment.",
+            ),
+            labels: counter(
+                &r,
+                "segstream_value_labels_total",
+                "Delayed labels (spend over the value horizon) the value model learned from.",
+            ),
+            value_rmse: fgauge(
+                &r,
+                "segstream_value_model_rmse",
+                "Progressive root mean squared error of the value model, in log1p(currency) units.",
+            ),
+            mean_distance: fgauge(
+                &r,
+                "segstream_kmeans_mean_distance",
+                "Mean distance of assigned users to their segment centroid (model space); lower is tighter.",
+            ),
             registry: r,
         };
         // Pre-create every series so dashboards and rate() see zeros, not gaps.
@@ -166,6 +232,12 @@ impl Metrics {
         }
         for r in [ChangeReason::FirstAssignment, ChangeReason::Moved] {
             m.changes.with_label_values(&[r.as_str()]);
+        }
+        for s in Source::ALL {
+            m.duplicates.with_label_values(&[s.as_str()]);
+            for p in ["applied", "dead_letter"] {
+                m.late.with_label_values(&[s.as_str(), p]);
+            }
         }
         for o in ["changes", "dead_letter"] {
             m.producer_errors.with_label_values(&[o]);
@@ -217,6 +289,40 @@ impl Metrics {
     }
     pub fn is_ready(&self) -> bool {
         self.ready.get() == 1
+    }
+    pub fn duplicate(&self, s: Source) {
+        self.duplicates.with_label_values(&[s.as_str()]).inc();
+    }
+    pub fn late(&self, s: Source, applied: bool) {
+        let p = if applied { "applied" } else { "dead_letter" };
+        self.late.with_label_values(&[s.as_str(), p]).inc();
+    }
+    /// Mirrors the engine's quality figures and counters.
+    pub fn set_quality(
+        &self,
+        mirror: &mut Mirror,
+        flaps: u64,
+        repairs: u64,
+        labels: u64,
+        rmse: f64,
+        mean_distance: f64,
+    ) {
+        self.flaps.inc_by(flaps.saturating_sub(mirror.flaps));
+        self.repairs.inc_by(repairs.saturating_sub(mirror.repairs));
+        self.labels.inc_by(labels.saturating_sub(mirror.labels));
+        *mirror = Mirror {
+            flaps,
+            repairs,
+            labels,
+        };
+        self.value_rmse.set(rmse);
+        self.mean_distance.set(mean_distance);
+    }
+    pub fn duplicates_total(&self) -> u64 {
+        Source::ALL
+            .iter()
+            .map(|s| self.duplicates.with_label_values(&[s.as_str()]).get())
+            .sum()
     }
     pub fn observe_processing(&self, seconds: f64) {
         self.processing.observe(seconds);

@@ -1,28 +1,51 @@
 //! The online models: a running standardiser, mini-batch k-means (segments) and AdaGrad SGD
 //! linear regression (predicted value). Pure and deterministic: seeded RNG, no clock, no I/O.
 
-use crate::features::{Vector, DIM, FEATURE_NAMES};
+use crate::features::{Vector, DIM};
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
-/// Running mean and variance per feature (Welford), used to standardise vectors.
-#[derive(Clone, Debug)]
+/// Running mean and variance per feature (Welford), used to standardise vectors; each
+/// standardised component is then multiplied by its group's weight.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scaler {
     n: f64,
-    mean: Vector,
-    m2: Vector,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+    weights: Vec<f64>,
     clip_z: f64,
 }
 
 impl Scaler {
     pub fn new(clip_z: f64) -> Self {
+        Self::weighted(clip_z, [1.0; DIM])
+    }
+
+    pub fn weighted(clip_z: f64, weights: Vector) -> Self {
         Self {
             n: 0.0,
-            mean: [0.0; DIM],
-            m2: [0.0; DIM],
+            mean: vec![0.0; DIM],
+            m2: vec![0.0; DIM],
+            weights: weights.to_vec(),
             clip_z,
         }
+    }
+
+    /// The unweighted z-score of `x[i]` (for explanations).
+    pub fn z(&self, i: usize, x: f64) -> f64 {
+        let sd = (self.m2[i] / self.n.max(1.0)).sqrt();
+        if self.n < 2.0 || sd <= 1e-9 {
+            0.0
+        } else {
+            ((x - self.mean[i]) / sd).clamp(-self.clip_z, self.clip_z)
+        }
+    }
+
+    /// The weight of component `i`.
+    pub fn weight(&self, i: usize) -> f64 {
+        self.weights[i]
     }
 
     /// Welford: `mean += (x - mean) / n; m2 += (x - mean_old) * (x - mean_new)`.
@@ -44,7 +67,8 @@ impl Scaler {
         for i in 0..DIM {
             let sd = (self.m2[i] / self.n).sqrt();
             if sd > 1e-9 {
-                z[i] = ((x[i] - self.mean[i]) / sd).clamp(-self.clip_z, self.clip_z);
+                z[i] =
+                    ((x[i] - self.mean[i]) / sd).clamp(-self.clip_z, self.clip_z) * self.weights[i];
             }
         }
         z
@@ -74,14 +98,17 @@ pub struct Nearest {
 /// 3. Between fits, every event moves its nearest centroid by a mini-batch step.
 ///
 /// Centroid ids are row indices and never change meaning.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KMeans {
     k: usize,
     seed: u64,
     init_users: usize,
     batch_size: usize,
+    /// Forgetting: counts halve every this many ms of event time.
+    forgetting_half_life_ms: f64,
     reservoir: Vec<String>,
     users_offered: u64,
+    #[serde(skip, default = "unseeded_rng")]
     rng: ChaCha8Rng,
     centroids: Option<Array2<f64>>,
     counts: Vec<f64>,
@@ -90,15 +117,36 @@ pub struct KMeans {
     batch_len: usize,
     /// Number of fits and mini-batches applied (the model version).
     updates: u64,
+    /// Latest event time seen by `learn` (ms), the clock of forgetting.
+    clock_ms: i64,
+    /// Dead centroids repaired so far.
+    repairs: u64,
+}
+
+fn unseeded_rng() -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(0)
 }
 
 impl KMeans {
     pub fn new(k: usize, seed: u64, init_users: usize, batch_size: usize) -> Self {
+        Self::with_forgetting(k, seed, init_users, batch_size, f64::INFINITY)
+    }
+
+    pub fn with_forgetting(
+        k: usize,
+        seed: u64,
+        init_users: usize,
+        batch_size: usize,
+        forgetting_half_life_ms: f64,
+    ) -> Self {
         Self {
             k,
             seed,
             init_users,
             batch_size,
+            forgetting_half_life_ms,
+            clock_ms: i64::MIN,
+            repairs: 0,
             reservoir: Vec::with_capacity(init_users),
             users_offered: 0,
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5eed),
@@ -125,6 +173,16 @@ impl KMeans {
 
     pub fn centroids(&self) -> Option<&Array2<f64>> {
         self.centroids.as_ref()
+    }
+
+    pub fn repairs(&self) -> u64 {
+        self.repairs
+    }
+
+    /// Restores the reservoir RNG after loading (it is not saved): a deterministic function of
+    /// the seed and the model version.
+    pub fn after_load(&mut self) {
+        self.rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed_5eed ^ self.updates);
     }
 
     /// Offers a user seen for the first time to the reservoir sample (Algorithm R: the i-th user
@@ -230,10 +288,14 @@ impl KMeans {
         })
     }
 
-    /// Adds `z`, assigned to centroid `j`, to the current mini-batch; applies the batch when full:
-    /// for each centroid with `b` points summing to `s`, `n += b; c += (s - b·c) / n`, i.e. every
-    /// point moves its centroid with learning rate `1 / n` (Sculley's per-centre rate).
-    pub fn learn(&mut self, j: usize, z: &Vector) {
+    /// Adds `z` (seen at event time `t_ms`), assigned to centroid `j`, to the current mini-batch;
+    /// applies the batch when full: for each centroid with `b` points summing to `s`,
+    /// `n += b; c += (s - b·c) / n`, i.e. every point moves its centroid with learning rate
+    /// `1 / n` (Sculley's per-centre rate). Before that, counts are forgotten:
+    /// `n *= 2^(-Δt / forgetting_half_life)` over the event time since the last batch, so the
+    /// rate never falls below about one over a half-life's worth of points and centroids follow
+    /// drift.
+    pub fn learn(&mut self, j: usize, z: &Vector, t_ms: i64) {
         self.batch_sums
             .row_mut(j)
             .iter_mut()
@@ -242,14 +304,20 @@ impl KMeans {
         self.batch_counts[j] += 1.0;
         self.batch_len += 1;
         if self.batch_len >= self.batch_size {
-            self.flush();
+            self.flush(t_ms.max(self.clock_ms));
         }
     }
 
-    fn flush(&mut self) {
+    fn flush(&mut self, now_ms: i64) {
         let Some(c) = self.centroids.as_mut() else {
             return;
         };
+        if self.clock_ms != i64::MIN && self.forgetting_half_life_ms.is_finite() {
+            let dt = (now_ms - self.clock_ms).max(0) as f64;
+            let f = (-dt * std::f64::consts::LN_2 / self.forgetting_half_life_ms).exp();
+            self.counts.iter_mut().for_each(|n| *n *= f);
+        }
+        self.clock_ms = now_ms;
         for j in 0..self.k {
             let b = self.batch_counts[j];
             if b > 0.0 {
@@ -266,30 +334,34 @@ impl KMeans {
         self.batch_counts.iter_mut().for_each(|b| *b = 0.0);
         self.batch_len = 0;
         self.updates += 1;
+        self.repair_dead();
     }
 
-    /// A short description of segment `j` from its centroid (which lives in z-score space): the
-    /// features furthest from the population mean, in words.
-    pub fn label(&self, j: usize) -> String {
-        let Some(c) = self.centroids.as_ref() else {
-            return String::new();
+    /// A centroid whose count fell below 1 % of the mean (it attracts nobody any more) is moved
+    /// next to the largest centroid, slightly perturbed, and takes half its count: the largest
+    /// segment is split. No other centroid changes, so no other id changes meaning.
+    fn repair_dead(&mut self) {
+        let Some(c) = self.centroids.as_mut() else {
+            return;
         };
-        let row = c.row(j);
-        let mut feats: Vec<(usize, f64)> = row.iter().copied().enumerate().collect();
-        feats.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
-        let words: Vec<String> = feats
-            .iter()
-            .take(3)
-            .filter(|(_, z)| z.abs() >= 0.5)
-            .map(|&(i, z)| {
-                let level = if z > 0.0 { "high" } else { "low" };
-                format!("{level} {}", FEATURE_NAMES[i].replace('_', " "))
-            })
-            .collect();
-        if words.is_empty() {
-            "typical shopper".into()
-        } else {
-            words.join(", ")
+        let mean = self.counts.iter().sum::<f64>() / self.k as f64;
+        for dead in 0..self.k {
+            if self.counts[dead] >= 0.01 * mean {
+                continue;
+            }
+            let big = (0..self.k)
+                .max_by(|&a, &b| self.counts[a].total_cmp(&self.counts[b]))
+                .unwrap_or(0);
+            if big == dead {
+                continue;
+            }
+            let donor = c.row(big).to_owned();
+            for (d, x) in c.row_mut(dead).iter_mut().zip(donor.iter()) {
+                *d = x + (self.rng.random::<f64>() - 0.5) * 0.1;
+            }
+            self.counts[big] /= 2.0;
+            self.counts[dead] = self.counts[big];
+            self.repairs += 1;
         }
     }
 }
@@ -374,29 +446,31 @@ fn nearest_in(c: &Array2<f64>, z: &[f64]) -> Nearest {
 ///
 /// Per example: `e = w·x + b - y`; `g_i = e·x_i + l2·w_i`; `G_i += g_i²`;
 /// `w_i -= lr · g_i / sqrt(G_i + 1e-8)` (the bias the same, without L2).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sgd {
-    w: Vector,
+    w: Vec<f64>,
     b: f64,
-    g2: Vector,
+    g2: Vec<f64>,
     g2_b: f64,
     lr: f64,
     l2: f64,
     trained: u64,
     abs_err_sum: f64,
+    sq_err_sum: f64,
 }
 
 impl Sgd {
     pub fn new(lr: f64, l2: f64) -> Self {
         Self {
-            w: [0.0; DIM],
+            w: vec![0.0; DIM],
             b: 0.0,
-            g2: [0.0; DIM],
+            g2: vec![0.0; DIM],
             g2_b: 0.0,
             lr,
             l2,
             trained: 0,
             abs_err_sum: 0.0,
+            sq_err_sum: 0.0,
         }
     }
 
@@ -409,6 +483,7 @@ impl Sgd {
     pub fn train(&mut self, x: &Vector, y: f64) {
         let e = self.predict(x) - y;
         self.abs_err_sum += e.abs();
+        self.sq_err_sum += e * e;
         self.trained += 1;
         for i in 0..DIM {
             let g = e * x[i] + self.l2 * self.w[i];
@@ -421,6 +496,15 @@ impl Sgd {
 
     pub fn examples(&self) -> u64 {
         self.trained
+    }
+
+    /// Progressive root mean squared error, in the target's units.
+    pub fn rmse(&self) -> f64 {
+        if self.trained == 0 {
+            0.0
+        } else {
+            (self.sq_err_sum / self.trained as f64).sqrt()
+        }
     }
 
     /// Progressive mean absolute error, in the target's units.
@@ -490,7 +574,7 @@ mod tests {
             let i = rng.random_range(0..3);
             let z = blob(&mut rng, centres[i]);
             let j = km.nearest(&z).unwrap().best;
-            km.learn(j, &z);
+            km.learn(j, &z, 0);
         }
         for (i, &c) in centres.iter().enumerate() {
             let z = blob(&mut rng, c);
@@ -502,7 +586,6 @@ mod tests {
             assert!(n.best_dist < 1.0 && n.second_dist > 5.0);
         }
         assert!(km.version() > 0);
-        assert!(km.label(ids[2]).starts_with("high"));
         // A refit on fresh data keeps every blob on its id.
         let points: Vec<Vector> = (0..60).map(|i| blob(&mut rng, centres[i % 3])).collect();
         km.fit(&points);
@@ -518,7 +601,7 @@ mod tests {
             let mut s = Scaler::new(5.0);
             let mut km = KMeans::new(4, 11, 50, 4);
             let mut seen = Vec::new();
-            for i in 0..200 {
+            for i in 0..200i64 {
                 let v = blob(&mut rng, (i % 4) as f64 * 3.0);
                 s.observe(&v);
                 km.offer_user(&format!("u{i}"));
@@ -530,7 +613,7 @@ mod tests {
                 if km.is_seeded() {
                     let z = s.transform(&v);
                     let j = km.nearest(&z).unwrap().best;
-                    km.learn(j, &z);
+                    km.learn(j, &z, i);
                 }
             }
             assert_eq!(km.sample().len(), 50);

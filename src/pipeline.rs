@@ -10,10 +10,10 @@
 use crate::config::Settings;
 use crate::decode::{DecodeError, Decoder};
 use crate::encode::encode_change;
-use crate::engine::Engine;
+use crate::engine::{Engine, Outcome};
 use crate::event::{ChangeReason, Source};
 use crate::kafka::{commit_sync, consumer_config, producer, SegContext};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Mirror};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
@@ -61,7 +61,7 @@ struct Pending {
     source: Source,
     partition: i32,
     offset: i64,
-    delivery: Option<(DeliveryFuture, Output)>,
+    deliveries: Vec<(DeliveryFuture, Output)>,
 }
 
 /// Sends a record, waiting while the producer's queue is full (back-pressure, not an error).
@@ -87,6 +87,7 @@ async fn send(
 #[instrument(name = "pipeline", skip_all, fields(group = %settings.kafka.group_id))]
 pub async fn run(
     settings: &Settings,
+    mut engine: Engine,
     metrics: Metrics,
     cancel: CancellationToken,
 ) -> Result<Engine, PipelineError> {
@@ -98,10 +99,6 @@ pub async fn run(
     consumer.subscribe(&topics)?;
     let producer = producer(settings)?;
     let decoder = Decoder::new(settings.decode.clone());
-    let mut engine = Engine::new(
-        settings.features.half_life.as_millis() as f64,
-        &settings.model,
-    );
     info!(topics = ?topics, brokers = %settings.kafka.brokers, "Consuming.");
 
     let (tx, rx) = mpsc::channel::<Pending>(settings.pipeline.max_in_flight);
@@ -116,13 +113,14 @@ pub async fn run(
 
     let mut gauges = tokio::time::interval(Duration::from_millis(500));
     let mut limiter = LogLimiter::default();
+    let mut mirror = Mirror::default();
     let mut result = Ok(());
     loop {
         let msg = tokio::select! {
             biased;
             _ = failed.cancelled() => break,
             _ = gauges.tick() => {
-                refresh_gauges(&metrics, &engine);
+                refresh_gauges(&metrics, &mut mirror, &engine);
                 continue;
             }
             msg = consumer.recv() => msg,
@@ -143,62 +141,72 @@ pub async fn run(
         metrics.consumed(source);
         let now = wall_ms();
         let payload = msg.payload().unwrap_or_default();
-        let sent = match decoder.decode(source, payload, Some(now)) {
+        let mut deliveries = Vec::new();
+        let mut unusable = None;
+        match decoder.decode(source, payload, Some(now)) {
             Ok(event) => {
-                metrics.applied(source);
-                match engine.apply(&event, now).change {
-                    None => Ok(None),
-                    Some(change) => {
-                        let bytes = encode_change(
-                            &change,
-                            settings.output.format,
-                            settings.output.schema_id,
-                        );
-                        let record = FutureRecord::to(&settings.kafka.topics.segment_changes)
-                            .key(change.user_id.as_bytes())
-                            .payload(&bytes[..]);
-                        send(&producer, record)
-                            .await
-                            .map(|f| Some((f, Output::Change(change.reason))))
+                let applied = engine.apply(&event, now);
+                match applied.outcome {
+                    Outcome::Applied => metrics.applied(source),
+                    Outcome::Duplicate => metrics.duplicate(source),
+                    Outcome::Late { applied } => {
+                        metrics.late(source, applied);
+                        if applied {
+                            metrics.applied(source);
+                        } else {
+                            unusable = Some(DecodeError::TooLate);
+                        }
+                    }
+                }
+                for change in applied.changes {
+                    let bytes =
+                        encode_change(&change, settings.output.format, settings.output.schema_id);
+                    let record = FutureRecord::to(&settings.kafka.topics.segment_changes)
+                        .key(change.user_id.as_bytes())
+                        .payload(&bytes[..]);
+                    match send(&producer, record).await {
+                        Ok(f) => deliveries.push((f, Output::Change(change.reason))),
+                        Err(e) => {
+                            result = Err(PipelineError::Kafka(e));
+                            break;
+                        }
                     }
                 }
             }
-            Err(error) => {
-                metrics.invalid(source, &error);
-                if limiter.allow() {
-                    warn!(
-                        topic = msg.topic(),
-                        partition = msg.partition(),
-                        offset = msg.offset(),
-                        error_code = error.code(),
-                        "Dead-lettered an unusable message."
-                    );
-                }
-                let headers = dead_letter_headers(&msg, &error);
-                let mut record = FutureRecord::to(&settings.kafka.topics.dead_letter)
-                    .payload(payload)
-                    .headers(headers);
-                if let Some(key) = msg.key() {
-                    record = record.key(key);
-                }
-                send(&producer, record)
-                    .await
-                    .map(|f| Some((f, Output::DeadLetter(source))))
+            Err(error) => unusable = Some(error),
+        }
+        if let Some(error) = unusable {
+            metrics.invalid(source, &error);
+            if limiter.allow() {
+                warn!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    error_code = error.code(),
+                    "Dead-lettered an unusable message."
+                );
             }
-        };
+            let headers = dead_letter_headers(&msg, &error);
+            let mut record = FutureRecord::to(&settings.kafka.topics.dead_letter)
+                .payload(payload)
+                .headers(headers);
+            if let Some(key) = msg.key() {
+                record = record.key(key);
+            }
+            match send(&producer, record).await {
+                Ok(f) => deliveries.push((f, Output::DeadLetter(source))),
+                Err(e) => result = Err(PipelineError::Kafka(e)),
+            }
+        }
         metrics.observe_processing(started.elapsed().as_secs_f64());
-        let delivery = match sent {
-            Ok(d) => d,
-            Err(e) => {
-                result = Err(PipelineError::Kafka(e));
-                break;
-            }
-        };
+        if result.is_err() {
+            break;
+        }
         let pending = Pending {
             source,
             partition: msg.partition(),
             offset: msg.offset(),
-            delivery,
+            deliveries,
         };
         if tx.send(pending).await.is_err() {
             break;
@@ -219,7 +227,7 @@ pub async fn run(
     }
     commit_sync(consumer.as_ref(), &metrics);
     consumer.unsubscribe();
-    refresh_gauges(&metrics, &engine);
+    refresh_gauges(&metrics, &mut mirror, &engine);
     info!(
         applied = engine.applied(),
         users = engine.users(),
@@ -268,7 +276,7 @@ async fn commit_in_order(
     failed: CancellationToken,
 ) -> Result<(), PipelineError> {
     while let Some(p) = rx.recv().await {
-        if let Some((delivery, output)) = p.delivery {
+        for (delivery, output) in p.deliveries {
             let name = match output {
                 Output::Change(_) => "changes",
                 Output::DeadLetter(_) => "dead_letter",
@@ -306,12 +314,22 @@ async fn commit_in_order(
     Ok(())
 }
 
-fn refresh_gauges(metrics: &Metrics, engine: &Engine) {
+fn refresh_gauges(metrics: &Metrics, mirror: &mut Mirror, engine: &Engine) {
+    let (mae, rmse, _) = engine.value_errors();
+    let c = engine.counters();
     metrics.set_model_state(
         engine.users(),
         engine.model_version(),
-        engine.value_mae(),
-        engine.segments().into_iter().map(|s| (s.id, s.size)),
+        mae,
+        engine.segment_sizes().into_iter(),
+    );
+    metrics.set_quality(
+        mirror,
+        c.flaps,
+        engine.kmeans_repairs(),
+        c.labels_matured,
+        rmse,
+        engine.mean_distance(),
     );
 }
 

@@ -3,8 +3,8 @@
 //! segment changes, the final per-user state and the dead letters as NDJSON.
 
 use crate::config::{Settings, WireFormat};
-use crate::decode::Decoder;
-use crate::engine::Engine;
+use crate::decode::{DecodeError, Decoder};
+use crate::engine::{Engine, Outcome};
 use crate::event::{Event, Source};
 use anyhow::Context;
 use serde::Serialize;
@@ -27,15 +27,38 @@ pub struct ReplayOutputs {
     pub changes: Option<PathBuf>,
     pub users: Option<PathBuf>,
     pub dead_letters: Option<PathBuf>,
+    /// Where to save the trained model (for `run --model`).
+    pub model: Option<PathBuf>,
+}
+
+/// How to run a replay.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayOptions {
+    /// Start from this saved model instead of an empty one.
+    pub model: Option<PathBuf>,
+    /// Ignore events after this time (ms) and report the state as of it.
+    pub until_ms: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ReplayReport {
     pub lines: u64,
     pub applied: u64,
+    pub duplicates: u64,
+    pub late: u64,
     pub invalid: BTreeMap<&'static str, u64>,
     pub changes: u64,
+    pub flaps: u64,
     pub users: usize,
+    /// Flaps per segment change.
+    pub flapping_share: f64,
+    /// k-means inertia of the final assignment, and the users it covers.
+    pub inertia: f64,
+    pub users_assigned: usize,
+    /// Progressive errors of the value model (log1p units) and its number of labels.
+    pub value_mae: f64,
+    pub value_rmse: f64,
+    pub value_labels: u64,
 }
 
 /// A line that could not be used, as written to the dead-letter file.
@@ -64,6 +87,7 @@ pub fn replay(
     settings: &Settings,
     inputs: &ReplayInputs,
     outputs: &ReplayOutputs,
+    options: &ReplayOptions,
 ) -> anyhow::Result<(Engine, ReplayReport)> {
     let decoder = Decoder::new(settings.decode.clone());
     let mut report = ReplayReport::default();
@@ -79,22 +103,62 @@ pub fn replay(
     }
     // Event-time order; ties keep the topic and then the file order, so replay is deterministic.
     events.sort_by_key(|(t, s, n, _)| (*t, *s, *n));
+    if let Some(until) = options.until_ms {
+        events.retain(|(t, ..)| *t <= until);
+    }
 
-    let mut engine = Engine::new(
-        settings.features.half_life.as_millis() as f64,
-        &settings.model,
-    );
+    let mut engine = match &options.model {
+        Some(path) => Engine::with_model(settings, path)
+            .with_context(|| format!("loading model {}", path.display()))?,
+        None => Engine::new(settings),
+    };
     let mut changes = open_out(&outputs.changes)?;
-    for (t, _, _, event) in &events {
-        report.applied += 1;
+    let mut write_changes =
+        |list: Vec<crate::event::SegmentChange>, report: &mut ReplayReport| -> anyhow::Result<()> {
+            for change in list {
+                report.changes += 1;
+                if let Some(w) = changes.as_mut() {
+                    serde_json::to_writer(&mut *w, &change)?;
+                    w.write_all(b"\n")?;
+                }
+            }
+            Ok(())
+        };
+    for (t, source, n, event) in &events {
         // No wall clock in replay: a change is "emitted" at its triggering event's time.
-        if let Some(change) = engine.apply(event, *t).change {
-            report.changes += 1;
-            if let Some(w) = changes.as_mut() {
-                serde_json::to_writer(&mut *w, &change)?;
-                w.write_all(b"\n")?;
+        let applied = engine.apply(event, *t);
+        match applied.outcome {
+            Outcome::Applied => report.applied += 1,
+            Outcome::Duplicate => report.duplicates += 1,
+            Outcome::Late { applied } => {
+                report.late += 1;
+                if applied {
+                    report.applied += 1;
+                } else {
+                    *report
+                        .invalid
+                        .entry(DecodeError::TooLate.code())
+                        .or_default() += 1;
+                    if let Some(w) = dead.as_mut() {
+                        let d = DeadLetter {
+                            source: source.as_str(),
+                            file: "",
+                            line: *n,
+                            error_code: DecodeError::TooLate.code(),
+                            error_message: DecodeError::TooLate.to_string(),
+                            value: event.event_id(),
+                        };
+                        serde_json::to_writer(&mut *w, &d)?;
+                        w.write_all(b"\n")?;
+                    }
+                }
             }
         }
+        write_changes(applied.changes, &mut report)?;
+    }
+    // The final state is "as of" the cut-off (or the last event): idle users decayed to it.
+    if let Some(end) = options.until_ms.or(events.last().map(|e| e.0)) {
+        write_changes(engine.advance_to(end, end), &mut report)?;
     }
     if let Some(mut w) = changes {
         w.flush()?;
@@ -110,7 +174,22 @@ pub fn replay(
         }
         w.flush()?;
     }
+    if let Some(path) = &outputs.model {
+        engine
+            .save_model(path)
+            .with_context(|| format!("saving model to {}", path.display()))?;
+    }
+    let c = engine.counters();
+    let (mae, rmse, labels) = engine.value_errors();
+    let (inertia, assigned) = engine.inertia();
     report.users = engine.users();
+    report.flaps = c.flaps;
+    report.flapping_share = c.flaps as f64 / report.changes.max(1) as f64;
+    report.inertia = inertia;
+    report.users_assigned = assigned;
+    report.value_mae = mae;
+    report.value_rmse = rmse;
+    report.value_labels = labels;
     Ok((engine, report))
 }
 

@@ -53,3 +53,13 @@ impl Store {
         all
     }
 }
+
+impl Store {
+    /// Runs `f` on every user's state, one entry locked at a time. `f` must not touch the store.
+    pub fn update_all(&self, mut f: impl FnMut(&UserId, &mut UserState)) {
+        for mut entry in self.map.iter_mut() {
+            let (k, v) = entry.pair_mut();
+            f(k, v);
+        }
+    }
+}

@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use segstream::engine::Engine;
 use segstream::generate::Generator;
 use segstream::metrics::Metrics;
 use segstream::pipeline::{
@@ -107,7 +108,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
     let cancel = CancellationToken::new();
     let task = {
         let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, m, c).await })
+        tokio::spawn(async move { pipeline::run(&s, Engine::new(&s), m, c).await })
     };
     let want = after_kill.len() as u64;
     assert!(wait_for(PATIENCE, || metrics.consumed_total() >= want).await);
@@ -222,7 +223,7 @@ async fn sigterm_stops_the_service_in_order_and_commits() {
     let cancel = CancellationToken::new();
     let task = {
         let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, m, c).await })
+        tokio::spawn(async move { pipeline::run(&s, Engine::new(&s), m, c).await })
     };
     if done < total {
         assert!(wait_for(PATIENCE, || metrics.consumed_total() >= total - done).await);

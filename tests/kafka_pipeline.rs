@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use segstream::config::WireFormat;
 use segstream::encode::decode_change;
+use segstream::engine::Engine;
 use segstream::event::Source;
 use segstream::generate::Generator;
 use segstream::metrics::Metrics;
@@ -42,7 +43,7 @@ async fn valid_events_are_applied_once_and_malformed_ones_are_dead_lettered_with
     let cancel = CancellationToken::new();
     let task = {
         let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, m, c).await })
+        tokio::spawn(async move { pipeline::run(&s, Engine::new(&s), m, c).await })
     };
     let done = wait_for(PATIENCE, || {
         metrics.consumed_total() == sent.len() as u64 && metrics.dead_letters_total() == malformed
@@ -143,7 +144,7 @@ async fn shutdown_commits_offsets_and_a_second_run_resumes_without_loss_or_repea
     let cancel = CancellationToken::new();
     let task = {
         let (s, m, c) = (settings.clone(), m1.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, m, c).await })
+        tokio::spawn(async move { pipeline::run(&s, Engine::new(&s), m, c).await })
     };
     assert!(wait_for(PATIENCE, || m1.consumed_total() >= total / 3).await);
     cancel.cancel();
@@ -164,7 +165,7 @@ async fn shutdown_commits_offsets_and_a_second_run_resumes_without_loss_or_repea
     let cancel = CancellationToken::new();
     let task = {
         let (s, m, c) = (settings.clone(), m2.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, m, c).await })
+        tokio::spawn(async move { pipeline::run(&s, Engine::new(&s), m, c).await })
     };
     assert!(wait_for(PATIENCE, || m2.consumed_total() >= total - c1).await);
     cancel.cancel();

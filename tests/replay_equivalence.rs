@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use segstream::engine::Engine;
 use segstream::event::Event;
 use segstream::generate::Generator;
 use segstream::metrics::Metrics;
@@ -42,7 +43,7 @@ async fn replay_and_kafka_reach_the_same_per_user_state() {
     let cancel = CancellationToken::new();
     let task = {
         let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, m, c).await })
+        tokio::spawn(async move { pipeline::run(&s, Engine::new(&s), m, c).await })
     };
     assert!(
         wait_for(Duration::from_secs(90), || metrics.consumed_total()
@@ -64,6 +65,7 @@ async fn replay_and_kafka_reach_the_same_per_user_state() {
             dead_letters: Some(dead.clone()),
             ..Default::default()
         },
+        &Default::default(),
     )
     .unwrap();
     assert_eq!(report.applied, sent.len() as u64);
@@ -77,7 +79,11 @@ async fn replay_and_kafka_reach_the_same_per_user_state() {
         assert_eq!(a.events, n);
         assert_eq!(b.events, n);
         assert_eq!(a.anchor_ms, b.anchor_ms);
-        for ((name, x), (_, y)) in a.named().into_iter().zip(b.named()) {
+        for ((name, x), (_, y)) in a
+            .named(kafka.feature_params())
+            .into_iter()
+            .zip(b.named(kafka.feature_params()))
+        {
             assert!(
                 (x - y).abs() <= 1e-9 * (1.0 + x.abs()),
                 "{user} {name}: {x} vs {y}"

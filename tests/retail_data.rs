@@ -36,7 +36,10 @@ fn online_retail_converts_by_the_rules_and_replays_into_segments() {
         "every row is kept or rejected with a reason"
     );
 
-    let settings = RawConfig::default().validate().unwrap();
+    let mut raw = RawConfig::default();
+    // A year of history: daily sweeps keep this debug-build test fast (hourly is the default).
+    raw.model.sweep_interval = std::time::Duration::from_secs(86_400);
+    let settings = raw.validate().unwrap();
     let (engine, r) = replay(
         &settings,
         &ReplayInputs {
@@ -44,6 +47,7 @@ fn online_retail_converts_by_the_rules_and_replays_into_segments() {
             ..Default::default()
         },
         &ReplayOutputs::default(),
+        &Default::default(),
     )
     .unwrap();
     assert_eq!(r.lines, report.events);
