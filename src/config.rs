@@ -332,7 +332,8 @@ pub struct ModelConfig {
     pub forgetting_half_life: Duration,
     /// A user stays in a segment for at least this many of their events before moving...
     pub min_dwell_events: u32,
-    /// ...and at least this long in event time.
+    /// ...or at least this long in event time, whichever comes first (so users with few events
+    /// can still move, on a sweep).
     #[serde(with = "humantime_serde")]
     pub min_dwell: Duration,
     /// A move back to the segment left within this event time counts as flapping.
@@ -372,7 +373,8 @@ impl Default for ModelConfig {
             // Ten events confirm a new behaviour; measured on the personas this keeps flapping
             // under 1 % of changes (3 events: 5 %) at the same adjusted Rand index.
             min_dwell_events: 10,
-            min_dwell: Duration::ZERO,
+            // A day: a move back inside the flap window is then impossible by construction.
+            min_dwell: Duration::from_secs(86_400),
             flap_window: Duration::from_secs(86_400),
             sweep_interval: Duration::from_secs(3_600),
             // Marketing plans by the month.

@@ -255,16 +255,18 @@ impl Engine {
             if state.events == 0 {
                 models.kmeans.offer_user(event.user_id());
             }
-            let before = state.vector(params);
-            models.open_or_mature_label(state, t, &before, rules.horizon_ms);
+            models.mature_label(state, t, rules.horizon_ms);
             if let Some(w) = state.label.as_mut() {
-                if t >= w.start_ms {
+                // Strictly after the window opened: what the features at its start include is
+                // not also a label (that would teach "a purchase now predicts spend").
+                if t > w.start_ms {
                     w.spend += UserState::net_spend(event);
                 }
             }
             state.apply(event, params);
             state.events_in_segment = state.events_in_segment.saturating_add(1);
             let after = state.vector(params);
+            models.open_label(state, t, &after);
             models.scaler.observe(&after);
             let z = models.scaler.transform(&after);
             let old = (state.segment, state.predicted_value);
@@ -415,13 +417,16 @@ impl Engine {
         let (mut matured, mut flaps) = (0, 0);
         self.store.update_all(|user, state| {
             let x = state.vector_at(at, params);
-            if models.open_or_mature_label(state, at, &x, rules.horizon_ms) {
+            if models.mature_label(state, at, rules.horizon_ms) {
                 matured += 1;
             }
+            models.open_label(state, at, &x);
             let z = models.scaler.transform(&x);
             let old = (state.segment, state.predicted_value);
             state.predicted_value = models.predict(&z);
-            let d = models.decide(state, &z, at, rules, false);
+            // The sweep is also a mini-batch over the whole population as of now, so centroids
+            // describe every user's present, not only the recently active users' vectors.
+            let d = models.decide(state, &z, at, rules, true);
             if account(sizes, values, old, state.predicted_value, d.as_ref()) {
                 flaps += 1;
             }
@@ -651,20 +656,20 @@ impl Engine {
             .collect()
     }
 
-    /// Every user's final state with named features, sorted by user id.
+    /// Every user's state as of the event-time watermark, with named features, sorted by id.
     pub fn dump(&self) -> Vec<UserDump> {
         self.store
             .snapshot()
             .into_iter()
             .map(|(id, s): (UserId, UserState)| {
-                let x = s.vector(&self.params);
+                let x = s.vector_at(self.watermark_ms, &self.params);
                 UserDump {
                     user_id: id.as_str().to_owned(),
                     segment: s.segment,
                     predicted_value: s.predicted_value,
                     events: s.events,
                     features: s
-                        .named(&self.params)
+                        .named_at(self.watermark_ms, &self.params)
                         .into_iter()
                         .map(|(k, v)| (k, serde_json::json!(v)))
                         .collect(),
@@ -680,7 +685,10 @@ impl Engine {
             .snapshot()
             .into_iter()
             .filter_map(|(id, s)| {
-                let z = self.models.scaler.transform(&s.vector(&self.params));
+                let z = self
+                    .models
+                    .scaler
+                    .transform(&s.vector_at(self.watermark_ms, &self.params));
                 s.segment.map(|seg| (id.as_str().to_owned(), seg, z))
             })
             .collect()
@@ -721,25 +729,22 @@ impl Models {
         self.sgd.predict(z).clamp(0.0, 30.0).exp_m1()
     }
 
-    /// Delayed labels: when a user's window has reached the horizon at `t`, its spend is the
-    /// label for the features at its start; a new window opens at `t` with features `x`.
-    /// Returns whether a label matured.
-    fn open_or_mature_label(
-        &mut self,
-        state: &mut UserState,
-        t: i64,
-        x: &Vector,
-        horizon: i64,
-    ) -> bool {
-        let mut matured = false;
-        if let Some(w) = state.label.as_ref() {
-            if t >= w.start_ms.saturating_add(horizon) {
+    /// Delayed labels: when a user's window has reached the horizon at `t`, the net spend seen
+    /// in it is the label for the features at its start. Returns whether a label matured.
+    fn mature_label(&mut self, state: &mut UserState, t: i64, horizon: i64) -> bool {
+        match state.label.as_ref() {
+            Some(w) if t >= w.start_ms.saturating_add(horizon) => {
                 let xz = self.scaler.transform(&w.x);
                 self.sgd.train(&xz, w.spend.max(0.0).ln_1p());
                 state.label = None;
-                matured = true;
+                true
             }
+            _ => false,
         }
+    }
+
+    /// Opens a label window at `t` with the features `x` the user has then, if none is open.
+    fn open_label(&self, state: &mut UserState, t: i64, x: &Vector) {
         if state.label.is_none() {
             state.label = Some(Box::new(LabelWindow {
                 start_ms: t,
@@ -747,7 +752,6 @@ impl Models {
                 spend: 0.0,
             }));
         }
-        matured
     }
 
     /// Learns from `z` (on events) and decides the user's segment, with hysteresis, minimum
@@ -769,9 +773,11 @@ impl Models {
         let best = nearest.best as u32;
         let prev = state.segment;
         if let Some(cur) = prev {
+            // Minimum dwell: enough of the user's events, or enough event time, in the segment.
+            let dwelt = state.events_in_segment >= rules.min_dwell_events
+                || t.saturating_sub(state.segment_since_ms) >= rules.min_dwell_ms;
             if cur == best
-                || state.events_in_segment < rules.min_dwell_events
-                || t.saturating_sub(state.segment_since_ms) < rules.min_dwell_ms
+                || !dwelt
                 || nearest.best_dist
                     >= self.kmeans.distance_to(cur as usize, z) * (1.0 - rules.hysteresis)
             {
@@ -792,5 +798,168 @@ impl Models {
             nearest,
             flap,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+    use crate::event::{ClickEvent, ClickKind};
+    use crate::generate::Generator;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn click(id: &str, user: &str, t: i64) -> Event {
+        Event::Click(ClickEvent {
+            event_id: id.into(),
+            user_id: user.into(),
+            event_time: t,
+            session_id: "s".into(),
+            kind: ClickKind::View,
+            product_id: "p".into(),
+            category: "home".into(),
+            price: 1.0,
+            dwell_ms: 1000,
+            search_text: None,
+            embedding: None,
+        })
+    }
+
+    /// Persona traffic through an engine: (engine, generator).
+    fn trained(raw: RawConfig, events: usize) -> (Engine, Generator) {
+        let mut e = Engine::new(&raw.validate().unwrap());
+        let mut g = Generator::new(3, 600, 0.0);
+        let mut t = T0;
+        for _ in 0..events {
+            t += 1_000;
+            e.apply(&g.next_event(t), t);
+        }
+        (e, g)
+    }
+
+    #[test]
+    fn duplicates_are_ignored_and_late_events_follow_the_policy() {
+        let mut raw = RawConfig::default();
+        raw.features.late_policy = LatePolicy::DeadLetter;
+        let mut e = Engine::new(&raw.validate().unwrap());
+        assert_eq!(e.apply(&click("a", "u", T0), 0).outcome, Outcome::Applied);
+        assert_eq!(e.apply(&click("a", "u", T0), 0).outcome, Outcome::Duplicate);
+        let later = T0 + 3 * 3_600_000;
+        assert_eq!(
+            e.apply(&click("b", "u", later), 0).outcome,
+            Outcome::Applied
+        );
+        // 3 h older than the user's latest event, the allowed lateness is 1 h.
+        assert_eq!(
+            e.apply(&click("c", "u", T0), 0).outcome,
+            Outcome::Late { applied: false }
+        );
+        assert_eq!(e.user("u").unwrap().events, 2);
+        let c = e.counters();
+        assert_eq!((c.applied, c.duplicates, c.late), (2, 1, 1));
+
+        let mut e = Engine::new(&RawConfig::default().validate().unwrap());
+        e.apply(&click("b", "u", later), 0);
+        assert_eq!(
+            e.apply(&click("c", "u", T0), 0).outcome,
+            Outcome::Late { applied: true }
+        );
+        assert_eq!(e.user("u").unwrap().events, 2);
+    }
+
+    #[test]
+    fn value_model_ranks_big_spenders_first() {
+        let mut raw = RawConfig::default();
+        raw.model.value_horizon = std::time::Duration::from_secs(3_600);
+        raw.model.sweep_interval = std::time::Duration::from_secs(600);
+        let (e, g) = trained(raw, 60_000);
+        let (_, _, labels) = e.value_errors();
+        assert!(labels > 1_000, "labels matured: {labels}");
+        let mut by_persona: HashMap<usize, (f64, f64)> = HashMap::new();
+        for u in e.dump() {
+            let p = g.persona_of(&u.user_id).unwrap();
+            let entry = by_persona.entry(p).or_default();
+            entry.0 += u.predicted_value;
+            entry.1 += 1.0;
+        }
+        let mean = |p: usize| by_persona[&p].0 / by_persona[&p].1;
+        let big = (0..g.personas().len())
+            .find(|&p| g.personas()[p].name == "big_spender")
+            .unwrap();
+        for p in 0..g.personas().len() {
+            if p != big {
+                assert!(
+                    mean(big) > 2.0 * mean(p),
+                    "big spenders {:.1} vs {} {:.1}",
+                    mean(big),
+                    g.personas()[p].name,
+                    mean(p)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn segments_are_described_and_tagged() {
+        let mut raw = RawConfig::default();
+        raw.model.value_horizon = std::time::Duration::from_secs(3_600);
+        let (e, _) = trained(raw, 40_000);
+        let segments = e.segments();
+        assert!(segments.iter().all(|s| !s.label.is_empty() && s.size > 0));
+        let spenders = segments
+            .iter()
+            .max_by(|a, b| a.mean_predicted_value.total_cmp(&b.mean_predicted_value))
+            .unwrap();
+        assert!(
+            spenders.label.contains("spend") || spenders.label.contains("frequent buyer"),
+            "{spenders:?}"
+        );
+        // The default rules tag frequent buyers with a cross-sell of their top category.
+        assert!(
+            segments.iter().any(|s| s
+                .action
+                .as_deref()
+                .is_some_and(|a| a.starts_with("cross_sell:"))),
+            "{segments:?}"
+        );
+    }
+
+    #[test]
+    fn saved_models_keep_their_ids_and_other_layouts_are_refused() {
+        let (e, g) = trained(RawConfig::default(), 20_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        e.save_model(&path).unwrap();
+        let settings = RawConfig::default().validate().unwrap();
+        let loaded = Engine::with_model(&settings, &path).unwrap();
+        assert_eq!(loaded.model_version(), e.model_version());
+        for (_, _, z) in e.assigned_vectors().iter().take(200) {
+            assert_eq!(
+                loaded.models.kmeans.nearest(z).map(|n| n.best),
+                e.models.kmeans.nearest(z).map(|n| n.best)
+            );
+        }
+        for j in 0..e.models.kmeans.k() {
+            assert_eq!(loaded.describe(j), e.describe(j));
+        }
+        let _ = g;
+
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        json["layout_version"] = serde_json::json!(LAYOUT_VERSION + 1);
+        std::fs::write(&path, json.to_string()).unwrap();
+        assert!(matches!(
+            Engine::with_model(&settings, &path),
+            Err(ModelError::Layout { .. })
+        ));
+        let mut raw = RawConfig::default();
+        raw.model.k = 8;
+        json["layout_version"] = serde_json::json!(LAYOUT_VERSION);
+        std::fs::write(&path, json.to_string()).unwrap();
+        assert!(matches!(
+            Engine::with_model(&raw.validate().unwrap(), &path),
+            Err(ModelError::K { got: 6, want: 8 })
+        ));
     }
 }

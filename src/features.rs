@@ -20,10 +20,10 @@ pub const TEXT_BUCKETS: usize = 8;
 pub const EMBED_DIM: usize = 4;
 
 /// Version of the vector layout; a saved model with another layout is refused.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Length of the feature vector.
-pub const DIM: usize = 6 * HALF_LIVES + 6 + CATEGORY_BUCKETS + 4 + TEXT_BUCKETS + EMBED_DIM;
+pub const DIM: usize = 6 * HALF_LIVES + 8 + CATEGORY_BUCKETS + 4 + TEXT_BUCKETS + EMBED_DIM;
 
 /// A feature vector.
 pub type Vector = [f64; DIM];
@@ -51,7 +51,7 @@ const SUFFIX: [&str; HALF_LIVES] = ["short", "medium", "long"];
 
 /// Start of each block in the vector.
 const B_PURCHASE: usize = 6 * HALF_LIVES;
-const B_CATEGORY: usize = B_PURCHASE + 6;
+const B_CATEGORY: usize = B_PURCHASE + 8;
 const B_SOCIAL: usize = B_CATEGORY + CATEGORY_BUCKETS;
 const B_TEXT: usize = B_SOCIAL + 4;
 const B_EMBED: usize = B_TEXT + TEXT_BUCKETS;
@@ -67,6 +67,8 @@ pub fn feature_name(i: usize) -> String {
             "basket_size",
             "avg_unit_price",
             "cancel_rate",
+            "lifetime_orders",
+            "tenure_days",
         ][i - B_PURCHASE]
             .to_owned(),
         i if i < B_SOCIAL => format!("category_{}", i - B_CATEGORY),
@@ -169,6 +171,10 @@ pub struct UserState {
     embed: [f64; EMBED_DIM],
     /// Latest event time of a placed order (ms).
     pub last_purchase_ms: Option<i64>,
+    /// Earliest event time seen (ms).
+    pub first_event_ms: i64,
+    /// Placed orders ever (not decayed).
+    pub lifetime_orders: u64,
     /// The latest sessions (hash of the id, earliest event time seen), to count each session
     /// once, at the weight of its earliest event whatever the arrival order.
     recent_sessions: [(u64, i64); 4],
@@ -378,6 +384,11 @@ impl UserState {
             }
         }
         let (wm, wl) = (w[1], w[2]);
+        self.first_event_ms = if self.events == 0 {
+            t
+        } else {
+            self.first_event_ms.min(t)
+        };
         self.events += 1;
         self.remember(event.event_id());
         match event {
@@ -434,6 +445,7 @@ impl UserState {
                     .sum();
                 match o.status {
                     OrderStatus::Placed => {
+                        self.lifetime_orders += 1;
                         self.sums[ORDERS] += wl;
                         self.sums[SPEND] += wl * o.total;
                         self.sums[ITEMS] += wl * qty;
@@ -520,6 +532,8 @@ impl UserState {
         v[B_PURCHASE + 3] = ln(ratio(s[ITEMS], s[ORDERS]));
         v[B_PURCHASE + 4] = ln(ratio(s[PRICE_QTY], s[ITEMS]));
         v[B_PURCHASE + 5] = ratio(s[CANCELLED], s[ORDERS]).clamp(0.0, 1.0);
+        v[B_PURCHASE + 6] = ln(self.lifetime_orders as f64);
+        v[B_PURCHASE + 7] = ln((self.anchor_ms - self.first_event_ms) as f64 / DAY_MS);
         let total: f64 = self.category.iter().sum();
         for (i, c) in self.category.iter().enumerate() {
             v[B_CATEGORY + i] = ratio(*c, total);
@@ -564,6 +578,8 @@ impl UserState {
             text: self.text,
             embed: self.embed,
             last_purchase_ms: self.last_purchase_ms,
+            first_event_ms: self.first_event_ms,
+            lifetime_orders: self.lifetime_orders,
             events: self.events,
             ..UserState::default()
         };
@@ -592,7 +608,12 @@ impl UserState {
 
     /// Named feature values, for dumps and the API.
     pub fn named(&self, p: &FeatureParams) -> Vec<(String, f64)> {
-        self.vector(p)
+        self.named_at(self.anchor_ms, p)
+    }
+
+    /// Named feature values as of `t` (see [`UserState::vector_at`]).
+    pub fn named_at(&self, t: i64, p: &FeatureParams) -> Vec<(String, f64)> {
+        self.vector_at(t, p)
             .into_iter()
             .enumerate()
             .map(|(i, x)| (feature_name(i), x))
@@ -673,7 +694,7 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), DIM);
-        assert_eq!(DIM, 48);
+        assert_eq!(DIM, 50);
     }
 
     #[test]

@@ -106,7 +106,10 @@ pub struct KMeans {
     batch_size: usize,
     /// Forgetting: counts halve every this many ms of event time.
     forgetting_half_life_ms: f64,
+    /// User ids are personal data: the sample is never written to a saved model.
+    #[serde(skip)]
     reservoir: Vec<String>,
+    #[serde(skip)]
     users_offered: u64,
     #[serde(skip, default = "unseeded_rng")]
     rng: ChaCha8Rng,
@@ -239,6 +242,16 @@ impl KMeans {
         self.batch_counts.iter_mut().for_each(|b| *b = 0.0);
         self.batch_len = 0;
         self.updates += 1;
+    }
+
+    /// Sum of squared distances of `points` to their nearest centroid (0 before seeding).
+    pub fn inertia(&self, points: &[Vector]) -> f64 {
+        self.centroids.as_ref().map_or(0.0, |c| {
+            points
+                .iter()
+                .map(|p| nearest_in(c, p).best_dist.powi(2))
+                .sum()
+        })
     }
 
     /// k-means++ seeding (Arthur & Vassilvitskii 2007) with a seeded RNG per start.
@@ -637,5 +650,62 @@ mod tests {
         x[1] = -0.5;
         assert_relative_eq!(sgd.predict(&x), 3.5, epsilon = 0.05);
         assert_eq!(sgd.examples(), 20_000);
+    }
+}
+
+#[cfg(test)]
+mod forgetting_tests {
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn at(x: f64) -> Vector {
+        [x; DIM]
+    }
+
+    fn seeded(half_life_ms: f64) -> KMeans {
+        let mut km = KMeans::with_forgetting(2, 1, 10, 1, half_life_ms);
+        let pts: Vec<Vector> = (0..10)
+            .map(|i| at(if i % 2 == 0 { 0.0 } else { 10.0 }))
+            .collect();
+        km.fit(&pts);
+        km
+    }
+
+    #[test]
+    fn forgetting_lets_a_centroid_follow_drift() {
+        let drift = |half_life: f64| {
+            let mut km = seeded(half_life);
+            let j = km.nearest(&at(0.0)).unwrap().best;
+            // A thousand points at 0, then the population moves to 3 over ten days.
+            for i in 0..1_000 {
+                km.learn(j, &at(0.0), i);
+            }
+            for i in 0..240 {
+                km.learn(j, &at(3.0), 1_000 + i * HOUR);
+            }
+            km.centroids().unwrap()[[j, 0]]
+        };
+        let (with, without) = (drift(24.0 * HOUR as f64), drift(f64::INFINITY));
+        assert!(with > 2.5, "with forgetting the centroid follows: {with}");
+        assert!(without < 1.0, "without, old points pin it: {without}");
+    }
+
+    #[test]
+    fn a_dead_centroid_splits_the_largest() {
+        let mut km = seeded(HOUR as f64);
+        let live = km.nearest(&at(10.0)).unwrap().best;
+        let dead = 1 - live;
+        // Nobody comes near `dead` for days: its count decays to nothing.
+        for i in 0..500 {
+            km.learn(live, &at(10.0), i * HOUR / 10);
+        }
+        assert!(km.repairs() >= 1);
+        let c = km.centroids().unwrap();
+        assert!(
+            (c[[dead, 0]] - 10.0).abs() < 0.2,
+            "moved next to the largest: {}",
+            c[[dead, 0]]
+        );
     }
 }
