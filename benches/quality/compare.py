@@ -11,6 +11,8 @@ the paths of what the replays wrote. Prints a Markdown report.
    same calibration period.
 """
 
+import contextlib
+import io
 import json
 import sys
 import warnings
@@ -82,8 +84,10 @@ def value_report(csv_path, users_path, cutoff):
     # optimiser reports non-convergence; take the smallest penalty that converges, and say so.
     for penalty in (0.0, 0.001, 0.01, 0.1, 1.0):
         try:
-            bgf = BetaGeoFitter(penalizer_coef=penalty).fit(
-                summary["frequency"], summary["recency"], summary["T"])
+            # lifetimes prints the optimiser's state when it gives up; keep the report clean.
+            with contextlib.redirect_stdout(io.StringIO()):
+                bgf = BetaGeoFitter(penalizer_coef=penalty).fit(
+                    summary["frequency"], summary["recency"], summary["T"])
             break
         except Exception:  # lifetimes.utils.ConvergenceError
             continue
