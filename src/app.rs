@@ -35,12 +35,13 @@ pub async fn run(
         None => Engine::new(&settings),
     };
     let metrics = Metrics::new();
+    let (api, link) = http::link(&engine, metrics.clone(), settings.http_token.clone());
     let http_stop = CancellationToken::new();
-    let (addr, server) = http::serve(settings.http_bind, metrics.clone(), http_stop.clone())
+    let (addr, server) = http::serve(settings.http_bind, http::api_router(api), http_stop.clone())
         .await
         .with_context(|| format!("binding http on {}", settings.http_bind))?;
-    info!(%addr, "Serving /metrics, /healthz and /readyz.");
-    let result = pipeline::run(&settings, engine, metrics, cancel).await;
+    info!(%addr, "Serving the API, /metrics, /healthz and /readyz.");
+    let result = pipeline::run_with_api(&settings, engine, metrics, cancel, link).await;
     http_stop.cancel();
     let _ = server.await;
     result.map(|_| ()).map_err(Into::into)
@@ -226,19 +227,22 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
 
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
-    let (addr, server) = http::serve(settings.http_bind, metrics.clone(), stop.clone()).await?;
+    let engine = Engine::new(&settings);
+    let (api, link) = http::link(&engine, metrics.clone(), None);
+    let (addr, server) =
+        http::serve(settings.http_bind, http::api_router(api), stop.clone()).await?;
     println!(
         "segstream demo: embedded Kafka at {}",
         settings.kafka.brokers
     );
     println!("metrics: http://{addr}/metrics   (Ctrl-C to stop)");
+    println!("segments: http://{addr}/segments   a user: http://{addr}/users/user-1");
 
     let pipeline = {
         let (settings, metrics, stop) = (settings.clone(), metrics.clone(), stop.child_token());
-        tokio::spawn(async move {
-            let engine = Engine::new(&settings);
-            pipeline::run(&settings, engine, metrics, stop).await
-        })
+        tokio::spawn(
+            async move { pipeline::run_with_api(&settings, engine, metrics, stop, link).await },
+        )
     };
     let gen_opts = GenerateOptions {
         rate: opts.rate,

@@ -404,8 +404,11 @@ impl Default for PipelineConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address of `/metrics`, `/healthz` and `/readyz`. Port 0 picks a free port.
+    /// Address of the HTTP API, `/metrics`, `/healthz` and `/readyz`. Port 0 picks a free port.
     pub bind: String,
+    /// When set, every endpoint but `/metrics`, `/healthz` and `/readyz` requires
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -413,6 +416,7 @@ impl Default for HttpConfig {
         // Loopback only by default; 9464 is the port range Prometheus exporters use.
         Self {
             bind: "127.0.0.1:9464".into(),
+            token: None,
         }
     }
 }
@@ -470,6 +474,7 @@ pub struct Settings {
     pub model: ModelConfig,
     pub pipeline: PipelineConfig,
     pub http_bind: SocketAddr,
+    pub http_token: Option<String>,
 }
 
 impl Settings {
@@ -616,6 +621,7 @@ impl RawConfig {
             model: self.model,
             pipeline: self.pipeline,
             http_bind,
+            http_token: self.http.token.filter(|t| !t.is_empty()),
         })
     }
 }

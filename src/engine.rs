@@ -15,6 +15,7 @@ use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// What happened to one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +70,7 @@ pub struct Counters {
     pub flaps: u64,
     pub sweeps: u64,
     pub labels_matured: u64,
+    pub erased: u64,
 }
 
 /// The models shared by all users; what `--save-model` writes.
@@ -118,7 +120,7 @@ struct Rules {
 }
 
 pub struct Engine {
-    store: Store,
+    store: Arc<Store>,
     params: FeatureParams,
     models: Models,
     rules: Rules,
@@ -164,7 +166,7 @@ impl Engine {
             };
         }
         Self {
-            store: Store::default(),
+            store: Arc::default(),
             params: FeatureParams::new(f.half_lives.map(|d| d.as_millis() as f64), m.seed),
             models: Models {
                 layout_version: LAYOUT_VERSION,
@@ -555,6 +557,42 @@ impl Engine {
             }
             Some(r.tag.replace("{category}", &self.top_category(j)))
         })
+    }
+
+    /// Erases a user (right to be forgotten): their state leaves memory and the model's sample,
+    /// and a change with reason `erased` is returned for publication (its `new_segment` is the
+    /// last segment held, or -1 if none was). `None` for an unknown user. Later events of the
+    /// user start from nothing.
+    pub fn erase(&mut self, user: &str, now_ms: i64) -> Option<SegmentChange> {
+        let state = self.store.remove(user)?;
+        self.models.kmeans.forget_user(user);
+        if let Some(s) = state.segment {
+            self.segment_sizes[s as usize] -= 1;
+            self.segment_value[s as usize] -= state.predicted_value;
+        }
+        self.counters.erased += 1;
+        Some(SegmentChange {
+            user_id: user.to_owned(),
+            previous_segment: state.segment.map(|s| s as i32),
+            new_segment: state.segment.map_or(-1, |s| s as i32),
+            segment_label: state
+                .segment
+                .map_or_else(String::new, |s| self.describe(s as usize)),
+            distance: 0.0,
+            confidence: 0.0,
+            predicted_value: 0.0,
+            version: state.version + 1,
+            reason: ChangeReason::Erased,
+            event_time: self.watermark_ms.max(state.anchor_ms),
+            emit_time: now_ms,
+            model_version: self.models.kmeans.version() as i64,
+            action: None,
+        })
+    }
+
+    /// A shared handle on the per-user map, for concurrent readers (the HTTP API).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     pub fn counters(&self) -> Counters {

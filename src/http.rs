@@ -1,22 +1,138 @@
-//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process is up) and
-//! `/readyz` (the pipeline holds partitions and is consuming).
+//! The HTTP surface: the API (`GET /users/{id}`, `GET /segments`, `DELETE /users/{id}`),
+//! `/metrics` (Prometheus text), `/healthz` (the process is up) and `/readyz` (the pipeline holds
+//! partitions and is consuming). An optional bearer token protects all but metrics and health.
+//!
+//! Reads go to the shared per-user map and to a catalogue the pipeline republishes; an erasure
+//! is a command to the pipeline, which owns the engine and publishes the `erased` change.
 
+use crate::engine::{Engine, SegmentInfo};
+use crate::features::FeatureParams;
 use crate::metrics::Metrics;
-use axum::extract::State;
+use crate::store::Store;
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Json;
 use axum::Router;
+use serde::Serialize;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-pub fn router(metrics: Metrics) -> Router {
+/// The segment catalogue as last published by the pipeline.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Catalogue {
+    pub model_version: u64,
+    pub segments: Vec<SegmentInfo>,
+}
+
+/// Requests the API makes of the pipeline.
+#[derive(Debug)]
+pub enum ApiCommand {
+    /// Erase a user; the reply says whether the user was known.
+    Erase {
+        user: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    metrics: Metrics,
+    store: Arc<Store>,
+    params: FeatureParams,
+    catalogue: Arc<RwLock<Catalogue>>,
+    commands: mpsc::Sender<ApiCommand>,
+    token: Option<Arc<str>>,
+}
+
+/// The pipeline's end of the API: where it publishes the catalogue and receives commands.
+pub struct PipelineLink {
+    pub catalogue: Arc<RwLock<Catalogue>>,
+    pub commands: mpsc::Receiver<ApiCommand>,
+}
+
+impl PipelineLink {
+    /// A link nobody sends to (a pipeline without an API).
+    pub fn detached() -> Self {
+        let (_tx, rx) = mpsc::channel(1);
+        Self {
+            catalogue: Arc::default(),
+            commands: rx,
+        }
+    }
+
+    pub fn publish(&self, engine: &Engine) {
+        let c = Catalogue {
+            model_version: engine.model_version(),
+            segments: engine.segments(),
+        };
+        *self.catalogue.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+}
+
+/// Connects an API to the pipeline that will run `engine`.
+pub fn link(engine: &Engine, metrics: Metrics, token: Option<String>) -> (ApiState, PipelineLink) {
+    let (tx, rx) = mpsc::channel(64);
+    let catalogue: Arc<RwLock<Catalogue>> = Arc::default();
+    let link = PipelineLink {
+        catalogue: catalogue.clone(),
+        commands: rx,
+    };
+    link.publish(engine);
+    let state = ApiState {
+        metrics,
+        store: engine.store(),
+        params: engine.feature_params().clone(),
+        catalogue,
+        commands: tx,
+        token: token.map(Arc::from),
+    };
+    (state, link)
+}
+
+/// Only `/metrics` and the health checks (no API).
+pub fn metrics_router(metrics: Metrics) -> Router {
     Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(metrics)
+}
+
+/// The API plus metrics and health.
+pub fn api_router(state: ApiState) -> Router {
+    let api = Router::new()
+        .route("/users/{id}", get(user).delete(erase))
+        .route("/segments", get(segments))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state.clone());
+    metrics_router(state.metrics.clone()).merge(api)
+}
+
+async fn authorize(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t == &**token);
+        if !ok {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn render(State(m): State<Metrics>) -> impl IntoResponse {
@@ -37,17 +153,78 @@ async fn ready(State(m): State<Metrics>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves until `cancel` fires. Returns the bound address (port 0 resolved) and
-/// the server task.
+/// A user's profile.
+#[derive(Serialize)]
+struct Profile {
+    user_id: String,
+    segment: Option<u32>,
+    segment_label: Option<String>,
+    predicted_value: f64,
+    version: i64,
+    events: u64,
+    last_event_time: i64,
+    features: serde_json::Map<String, serde_json::Value>,
+}
+
+async fn user(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let Some(state) = s.store.get(&id) else {
+        return (StatusCode::NOT_FOUND, "unknown user\n").into_response();
+    };
+    let label = state.segment.and_then(|seg| {
+        let c = s.catalogue.read().unwrap_or_else(|p| p.into_inner());
+        c.segments.get(seg as usize).map(|i| i.label.clone())
+    });
+    Json(Profile {
+        user_id: id,
+        segment: state.segment,
+        segment_label: label,
+        predicted_value: state.predicted_value,
+        version: state.version,
+        events: state.events,
+        last_event_time: state.anchor_ms,
+        features: state
+            .named(&s.params)
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::json!(v)))
+            .collect(),
+    })
+    .into_response()
+}
+
+async fn segments(State(s): State<ApiState>) -> Json<Catalogue> {
+    Json(
+        s.catalogue
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
+    )
+}
+
+async fn erase(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    let (reply, answer) = oneshot::channel();
+    let sent = s.commands.send(ApiCommand::Erase { user: id, reply }).await;
+    match (sent, answer.await) {
+        (Ok(()), Ok(true)) => StatusCode::NO_CONTENT.into_response(),
+        (Ok(()), Ok(false)) => (StatusCode::NOT_FOUND, "unknown user\n").into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Binds `addr` and serves `router` until `cancel` fires. Returns the bound address (port 0
+/// resolved) and the server task.
 pub async fn serve(
     addr: SocketAddr,
-    metrics: Metrics,
+    router: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        axum::serve(listener, router(metrics))
+        axum::serve(listener, router)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
             .await
     });

@@ -33,6 +33,7 @@ pub struct Metrics {
     labels: IntCounter,
     value_rmse: Gauge,
     mean_distance: Gauge,
+    erasures: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -219,6 +220,11 @@ impl Metrics {
                 "segstream_kmeans_mean_distance",
                 "Mean distance of assigned users to their segment centroid (model space); lower is tighter.",
             ),
+            erasures: counter(
+                &r,
+                "segstream_erasures_total",
+                "Users erased on request (right to be forgotten).",
+            ),
             registry: r,
         };
         // Pre-create every series so dashboards and rate() see zeros, not gaps.
@@ -230,7 +236,11 @@ impl Metrics {
                 m.invalid.with_label_values(&[s.as_str(), code]);
             }
         }
-        for r in [ChangeReason::FirstAssignment, ChangeReason::Moved] {
+        for r in [
+            ChangeReason::FirstAssignment,
+            ChangeReason::Moved,
+            ChangeReason::Erased,
+        ] {
             m.changes.with_label_values(&[r.as_str()]);
         }
         for s in Source::ALL {
@@ -289,6 +299,9 @@ impl Metrics {
     }
     pub fn is_ready(&self) -> bool {
         self.ready.get() == 1
+    }
+    pub fn erased(&self) {
+        self.erasures.inc();
     }
     pub fn duplicate(&self, s: Source) {
         self.duplicates.with_label_values(&[s.as_str()]).inc();
@@ -367,10 +380,15 @@ impl Metrics {
         self.invalid.with_label_values(&[s.as_str(), code]).get()
     }
     pub fn changes_total(&self) -> u64 {
-        [ChangeReason::FirstAssignment, ChangeReason::Moved]
-            .iter()
-            .map(|r| self.changes.with_label_values(&[r.as_str()]).get())
-            .sum()
+        [
+            ChangeReason::FirstAssignment,
+            ChangeReason::Moved,
+            ChangeReason::Evicted,
+            ChangeReason::Erased,
+        ]
+        .iter()
+        .map(|r| self.changes.with_label_values(&[r.as_str()]).get())
+        .sum()
     }
 }
 

@@ -202,6 +202,11 @@ impl KMeans {
         }
     }
 
+    /// Forgets a user (erasure): they leave the sample.
+    pub fn forget_user(&mut self, user: &str) {
+        self.reservoir.retain(|u| u != user);
+    }
+
     /// The sampled users, whose current vectors `fit` wants.
     pub fn sample(&self) -> &[String] {
         &self.reservoir

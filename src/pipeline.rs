@@ -12,6 +12,7 @@ use crate::decode::{DecodeError, Decoder};
 use crate::encode::encode_change;
 use crate::engine::{Engine, Outcome};
 use crate::event::{ChangeReason, Source};
+use crate::http::{ApiCommand, PipelineLink};
 use crate::kafka::{commit_sync, consumer_config, producer, SegContext};
 use crate::metrics::{Metrics, Mirror};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -56,11 +57,10 @@ enum Output {
     DeadLetter(Source),
 }
 
-/// A processed message waiting for its outputs before its offset may be stored.
+/// A processed message waiting for its outputs before its offset may be stored; `at` is `None`
+/// for outputs that no input message caused (an erasure requested over HTTP).
 struct Pending {
-    source: Source,
-    partition: i32,
-    offset: i64,
+    at: Option<(Source, i32, i64)>,
     deliveries: Vec<(DeliveryFuture, Output)>,
 }
 
@@ -87,9 +87,21 @@ async fn send(
 #[instrument(name = "pipeline", skip_all, fields(group = %settings.kafka.group_id))]
 pub async fn run(
     settings: &Settings,
+    engine: Engine,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> Result<Engine, PipelineError> {
+    run_with_api(settings, engine, metrics, cancel, PipelineLink::detached()).await
+}
+
+/// [`run`], serving an HTTP API through `link`: the catalogue is republished with the gauges,
+/// and erasure requests are applied between messages.
+pub async fn run_with_api(
+    settings: &Settings,
     mut engine: Engine,
     metrics: Metrics,
     cancel: CancellationToken,
+    mut link: PipelineLink,
 ) -> Result<Engine, PipelineError> {
     let consumer: Arc<StreamConsumer<SegContext>> =
         Arc::new(consumer_config(settings).create_with_context(SegContext {
@@ -121,6 +133,33 @@ pub async fn run(
             _ = failed.cancelled() => break,
             _ = gauges.tick() => {
                 refresh_gauges(&metrics, &mut mirror, &engine);
+                link.publish(&engine);
+                continue;
+            }
+            Some(cmd) = link.commands.recv() => {
+                let ApiCommand::Erase { user, reply } = cmd;
+                let change = engine.erase(&user, wall_ms());
+                let known = change.is_some();
+                let mut deliveries = Vec::new();
+                if let Some(change) = change {
+                    metrics.erased();
+                    let bytes =
+                        encode_change(&change, settings.output.format, settings.output.schema_id);
+                    let record = FutureRecord::to(&settings.kafka.topics.segment_changes)
+                        .key(change.user_id.as_bytes())
+                        .payload(&bytes[..]);
+                    match send(&producer, record).await {
+                        Ok(f) => deliveries.push((f, Output::Change(change.reason))),
+                        Err(e) => {
+                            result = Err(PipelineError::Kafka(e));
+                            break;
+                        }
+                    }
+                }
+                let _ = reply.send(known);
+                if tx.send(Pending { at: None, deliveries }).await.is_err() {
+                    break;
+                }
                 continue;
             }
             msg = consumer.recv() => msg,
@@ -203,9 +242,7 @@ pub async fn run(
             break;
         }
         let pending = Pending {
-            source,
-            partition: msg.partition(),
-            offset: msg.offset(),
+            at: Some((source, msg.partition(), msg.offset())),
             deliveries,
         };
         if tx.send(pending).await.is_err() {
@@ -305,10 +342,13 @@ async fn commit_in_order(
                 }
             }
         }
-        let topic = settings.topic(p.source);
-        if let Err(e) = consumer.store_offset(topic, p.partition, p.offset) {
+        let Some((source, partition, offset)) = p.at else {
+            continue;
+        };
+        let topic = settings.topic(source);
+        if let Err(e) = consumer.store_offset(topic, partition, offset) {
             // The partition was revoked meanwhile; its new owner re-reads from the last commit.
-            debug!(topic, partition = p.partition, error = %e, "Offset not stored.");
+            debug!(topic, partition, error = %e, "Offset not stored.");
         }
     }
     Ok(())

@@ -34,6 +34,11 @@ impl Store {
         self.map.get(user).map(|e| e.clone())
     }
 
+    /// Removes a user; returns the state it had.
+    pub fn remove(&self, user: &str) -> Option<UserState> {
+        self.map.remove(user).map(|(_, s)| s)
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }

@@ -3,18 +3,37 @@
 mod common;
 
 use common::*;
-use segstream::event::Source;
+use segstream::config::WireFormat;
+use segstream::encode::decode_change;
+use segstream::engine::Engine;
+use segstream::event::{ChangeReason, Source};
+use segstream::generate::Generator;
 use segstream::metrics::Metrics;
+use segstream::pipeline::{self, wall_ms};
 use std::process::Command;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    request(addr, "GET", path, None).await
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: (status, body).
+async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let status = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -28,7 +47,7 @@ async fn metrics_health_and_readiness_are_served() {
     let cancel = CancellationToken::new();
     let (addr, server) = segstream::http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        metrics.clone(),
+        segstream::http::metrics_router(metrics.clone()),
         cancel.clone(),
     )
     .await
@@ -84,4 +103,123 @@ async fn generate_creates_topics_and_produces_the_requested_count() {
     let topics: Vec<&str> = Source::ALL.iter().map(|s| settings.topic(*s)).collect();
     let got = read_topics(&settings, &topics, 601, Duration::from_secs(3));
     assert_eq!(got.len(), 600, "exactly the requested count, no more");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_profiles_and_segments_and_erases_users() {
+    let settings = fresh_settings("api", 2).await;
+    let mut g = Generator::new(8, 60, 0.0);
+    let sent = produce(
+        &settings,
+        (0..2_000)
+            .map(|_| g.next_record(wall_ms(), &settings.decode))
+            .collect(),
+    )
+    .await;
+    let engine = Engine::new(&settings);
+    let metrics = Metrics::new();
+    let (api, link) = segstream::http::link(&engine, metrics.clone(), Some("s3cret".into()));
+    let cancel = CancellationToken::new();
+    let (addr, server) = segstream::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        segstream::http::api_router(api),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let task = {
+        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move { pipeline::run_with_api(&s, engine, m, c, link).await })
+    };
+    assert!(
+        wait_for(Duration::from_secs(90), || metrics.consumed_total()
+            >= sent.len() as u64)
+        .await
+    );
+    let token = Some("s3cret");
+
+    // The token guards the API, not metrics or health.
+    assert_eq!(request(addr, "GET", "/segments", None).await.0, 401);
+    assert_eq!(
+        request(addr, "GET", "/segments", Some("wrong")).await.0,
+        401
+    );
+    assert_eq!(get(addr, "/metrics").await.0, 200);
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+
+    // The catalogue is republished by the pipeline about twice a second.
+    let mut catalogue = serde_json::Value::Null;
+    for _ in 0..50 {
+        let (status, body) = request(addr, "GET", "/segments", token).await;
+        assert_eq!(status, 200);
+        catalogue = serde_json::from_str(&body).unwrap();
+        let sizes: i64 = catalogue["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["size"].as_i64().unwrap())
+            .sum();
+        if sizes > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let segments = catalogue["segments"].as_array().unwrap();
+    assert_eq!(segments.len(), settings.model.k);
+    assert!(segments
+        .iter()
+        .all(|s| !s["label"].as_str().unwrap().is_empty()));
+    assert!(catalogue["model_version"].as_u64().unwrap() > 0);
+
+    // A profile: named features, segment and its description.
+    let user = "user-7";
+    let (status, body) = request(addr, "GET", &format!("/users/{user}"), token).await;
+    assert_eq!(status, 200, "{body}");
+    let profile: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(profile["user_id"], user);
+    assert!(profile["events"].as_u64().unwrap() > 0);
+    assert!(profile["features"]["monetary"].is_number());
+    assert!(
+        profile["segment"].is_u64() && profile["segment_label"].is_string(),
+        "{profile}"
+    );
+    assert_eq!(request(addr, "GET", "/users/nobody", token).await.0, 404);
+
+    // Erasure: gone from memory, and an `erased` change is published.
+    assert_eq!(
+        request(addr, "DELETE", &format!("/users/{user}"), token)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        request(addr, "GET", &format!("/users/{user}"), token)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        request(addr, "DELETE", &format!("/users/{user}"), token)
+            .await
+            .0,
+        404
+    );
+    let changes = metrics.changes_total() as usize;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    server.await.unwrap().unwrap();
+    let out = read_topic(
+        &settings,
+        &settings.kafka.topics.segment_changes,
+        changes,
+        Duration::from_secs(30),
+    );
+    let erased: Vec<_> = out
+        .iter()
+        .map(|o| decode_change(&o.payload, WireFormat::Avro).unwrap())
+        .filter(|c| c.reason == ChangeReason::Erased)
+        .collect();
+    assert_eq!(erased.len(), 1);
+    assert_eq!(erased[0].user_id, user);
+    assert!(metrics.render().contains("segstream_erasures_total 1"));
 }
