@@ -326,12 +326,9 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let raw = RawConfig::load(file.as_deref())?;
             let effective = serde_json::to_value(&raw)?;
             raw.validate()?;
-            println!("{}", toml_string(&effective));
+            // Printed as JSON: the same keys and nesting as the TOML file.
+            println!("{}", serde_json::to_string_pretty(&effective)?);
             Ok(())
         }
     }
-}
-
-fn toml_string(v: &serde_json::Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_default()
 }

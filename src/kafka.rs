@@ -21,7 +21,20 @@ pub struct SegContext {
     pub metrics: Metrics,
 }
 
-impl ClientContext for SegContext {}
+impl ClientContext for SegContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1: unknown (not assigned, or no committed position yet); the internal
+                // partition -1 is librdkafka's "unassigned" bucket.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics.set_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for SegContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -76,7 +89,8 @@ pub fn consumer_config(s: &Settings) -> ClientConfig {
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("auto.commit.interval.ms", "1000");
+        .set("auto.commit.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000");
     apply(&mut cfg, &s.kafka.properties);
     apply(&mut cfg, &s.kafka.consumer_properties);
     cfg

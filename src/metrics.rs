@@ -34,6 +34,8 @@ pub struct Metrics {
     value_rmse: Gauge,
     mean_distance: Gauge,
     erasures: IntCounter,
+    lag: IntGaugeVec,
+    event_to_emit: Histogram,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -225,6 +227,32 @@ impl Metrics {
                 "segstream_erasures_total",
                 "Users erased on request (right to be forgotten).",
             ),
+            lag: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "segstream_consumer_lag_messages",
+                        "Messages between the consumer's position and the partition's end (librdkafka statistics).",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
+            event_to_emit: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "segstream_event_to_emit_seconds",
+                        "From the event time of the event that caused a segment change to its delivery.",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+                    ]),
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("metric registered once");
+                h
+            },
             registry: r,
         };
         // Pre-create every series so dashboards and rate() see zeros, not gaps.
@@ -248,6 +276,9 @@ impl Metrics {
             for p in ["applied", "dead_letter"] {
                 m.late.with_label_values(&[s.as_str(), p]);
             }
+        }
+        for k in ["assign", "revoke"] {
+            m.rebalances.with_label_values(&[k]);
         }
         for o in ["changes", "dead_letter"] {
             m.producer_errors.with_label_values(&[o]);
@@ -299,6 +330,16 @@ impl Metrics {
     }
     pub fn is_ready(&self) -> bool {
         self.ready.get() == 1
+    }
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.lag
+            .with_label_values(&[topic, &partition.to_string()])
+            .set(lag);
+    }
+    /// A change caused by an event at `event_ms` was delivered at `now_ms` (wall clock).
+    pub fn event_to_emit(&self, event_ms: i64, now_ms: i64) {
+        self.event_to_emit
+            .observe((now_ms - event_ms).max(0) as f64 / 1_000.0);
     }
     pub fn erased(&self) {
         self.erasures.inc();

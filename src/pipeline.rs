@@ -53,7 +53,8 @@ pub fn wall_ms() -> i64 {
 /// What an output record was, for the metric counted when it is delivered.
 #[derive(Clone, Copy)]
 enum Output {
-    Change(ChangeReason),
+    /// A segment change and the event time of the event that caused it.
+    Change(ChangeReason, i64),
     DeadLetter(Source),
 }
 
@@ -149,7 +150,7 @@ pub async fn run_with_api(
                         .key(change.user_id.as_bytes())
                         .payload(&bytes[..]);
                     match send(&producer, record).await {
-                        Ok(f) => deliveries.push((f, Output::Change(change.reason))),
+                        Ok(f) => deliveries.push((f, Output::Change(change.reason, change.event_time))),
                         Err(e) => {
                             result = Err(PipelineError::Kafka(e));
                             break;
@@ -204,7 +205,9 @@ pub async fn run_with_api(
                         .key(change.user_id.as_bytes())
                         .payload(&bytes[..]);
                     match send(&producer, record).await {
-                        Ok(f) => deliveries.push((f, Output::Change(change.reason))),
+                        Ok(f) => {
+                            deliveries.push((f, Output::Change(change.reason, change.event_time)))
+                        }
                         Err(e) => {
                             result = Err(PipelineError::Kafka(e));
                             break;
@@ -315,12 +318,17 @@ async fn commit_in_order(
     while let Some(p) = rx.recv().await {
         for (delivery, output) in p.deliveries {
             let name = match output {
-                Output::Change(_) => "changes",
+                Output::Change(..) => "changes",
                 Output::DeadLetter(_) => "dead_letter",
             };
             match delivery.await {
                 Ok(Ok(_)) => match output {
-                    Output::Change(reason) => metrics.change_delivered(reason),
+                    Output::Change(reason, event_time) => {
+                        metrics.change_delivered(reason);
+                        if reason != ChangeReason::Erased {
+                            metrics.event_to_emit(event_time, wall_ms());
+                        }
+                    }
                     Output::DeadLetter(source) => metrics.dead_lettered(source),
                 },
                 Ok(Err((error, _))) => {

@@ -222,4 +222,39 @@ async fn the_api_serves_profiles_and_segments_and_erases_users() {
     assert_eq!(erased.len(), 1);
     assert_eq!(erased[0].user_id, user);
     assert!(metrics.render().contains("segstream_erasures_total 1"));
+    assert!(metrics
+        .render()
+        .contains("segstream_event_to_emit_seconds_count"));
+
+    // Prometheus' own linter finds nothing wrong with a live scrape.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(metrics.render().as_bytes());
+    let out = promtool
+        .take()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+trait WithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> Option<std::process::Output>;
+}
+
+impl WithStdin for std::process::Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> Option<std::process::Output> {
+        use std::io::Write;
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .ok()?;
+        child.stdin.take()?.write_all(input).ok()?;
+        child.wait_with_output().ok()
+    }
 }
