@@ -236,7 +236,9 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
         settings.kafka.brokers
     );
     println!("metrics: http://{addr}/metrics   (Ctrl-C to stop)");
-    println!("segments: http://{addr}/segments   a user: http://{addr}/users/user-1");
+    println!(
+        "status page: http://{addr}/   segments: http://{addr}/segments   a user: http://{addr}/users/user-1"
+    );
 
     let pipeline = {
         let (settings, metrics, stop) = (settings.clone(), metrics.clone(), stop.child_token());

@@ -1,4 +1,5 @@
-//! The HTTP surface: the API (`GET /users/{id}`, `GET /segments`, `DELETE /users/{id}`),
+//! The HTTP surface: a status page (`/`), the API (`GET /users/{id}`, `GET /segments`,
+//! `DELETE /users/{id}`),
 //! `/metrics` (Prometheus text), `/healthz` (the process is up) and `/readyz` (the pipeline holds
 //! partitions and is consuming). An optional bearer token protects all but metrics and health.
 //!
@@ -110,6 +111,7 @@ pub fn api_router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/users/{id}", get(user).delete(erase))
         .route("/segments", get(segments))
+        .route("/", get(status_page))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state.clone());
     metrics_router(state.metrics.clone()).merge(api)
@@ -133,6 +135,15 @@ async fn authorize(State(s): State<ApiState>, req: Request, next: Next) -> Respo
         }
     }
     next.run(req).await
+}
+
+/// The status page: segment sizes over time, descriptions and throughput, drawn in the browser
+/// from `/segments` and `/metrics`.
+async fn status_page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("assets/status.html"),
+    )
 }
 
 async fn render(State(m): State<Metrics>) -> impl IntoResponse {

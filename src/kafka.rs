@@ -22,6 +22,15 @@ pub struct SegContext {
 }
 
 impl ClientContext for SegContext {
+    /// Client-level errors. Losing every broker makes the instance not ready until a message
+    /// arrives again (the pipeline marks it ready then).
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.metrics.set_ready(false);
+        }
+        warn!(error = %error, reason, "Kafka client error.");
+    }
+
     /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition.
     fn stats(&self, statistics: rdkafka::Statistics) {
         for (topic, t) in &statistics.topics {

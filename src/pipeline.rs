@@ -166,7 +166,11 @@ pub async fn run_with_api(
             msg = consumer.recv() => msg,
         };
         let msg = match msg {
-            Ok(m) => m,
+            Ok(m) => {
+                // Consuming again after an outage (a gauge store: cheap per message).
+                metrics.set_ready(true);
+                m
+            }
             Err(e) => {
                 if limiter.allow() {
                     warn!(error = %e, "Consumer error; librdkafka retries.");

@@ -124,7 +124,18 @@ pub fn replay(
             }
             Ok(())
         };
-    for (t, source, n, event) in &events {
+    let started = std::time::Instant::now();
+    let mut last_report = started;
+    for (i, (t, source, n, event)) in events.iter().enumerate() {
+        if i % 65_536 == 0 && last_report.elapsed() >= std::time::Duration::from_secs(5) {
+            last_report = std::time::Instant::now();
+            tracing::info!(
+                done = i,
+                of = events.len(),
+                users = engine.users(),
+                "Replaying."
+            );
+        }
         // No wall clock in replay: a change is "emitted" at its triggering event's time.
         let applied = engine.apply(event, *t);
         match applied.outcome {
@@ -179,6 +190,11 @@ pub fn replay(
             .save_model(path)
             .with_context(|| format!("saving model to {}", path.display()))?;
     }
+    tracing::info!(
+        events = events.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "Replay done."
+    );
     let c = engine.counters();
     let (mae, rmse, labels) = engine.value_errors();
     let (inertia, assigned) = engine.inertia();

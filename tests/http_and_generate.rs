@@ -227,12 +227,10 @@ async fn the_api_serves_profiles_and_segments_and_erases_users() {
         .contains("segstream_event_to_emit_seconds_count"));
 
     // Prometheus' own linter finds nothing wrong with a live scrape.
-    let mut promtool = std::process::Command::new("promtool")
+    let out = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
-        .output_with_stdin(metrics.render().as_bytes());
-    let out = promtool
-        .take()
+        .output_with_stdin(metrics.render().as_bytes())
         .expect("promtool (Debian package prometheus; .ci/run installs it)");
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
@@ -257,4 +255,95 @@ impl WithStdin for std::process::Command {
         child.stdin.take()?.write_all(input).ok()?;
         child.wait_with_output().ok()
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_segments_in_a_real_browser() {
+    let settings = fresh_settings("page", 2).await;
+    let mut g = Generator::new(9, 60, 0.0);
+    let sent = produce(
+        &settings,
+        (0..2_000)
+            .map(|_| g.next_record(wall_ms(), &settings.decode))
+            .collect(),
+    )
+    .await;
+    let engine = Engine::new(&settings);
+    let metrics = Metrics::new();
+    let (api, link) = segstream::http::link(&engine, metrics.clone(), None);
+    let cancel = CancellationToken::new();
+    let (addr, server) = segstream::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        segstream::http::api_router(api),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let task = {
+        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move { pipeline::run_with_api(&s, engine, m, c, link).await })
+    };
+    assert!(
+        wait_for(Duration::from_secs(90), || metrics.consumed_total()
+            >= sent.len() as u64)
+        .await
+    );
+    // Let the pipeline publish the catalogue of the seeded model.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Debian's chromium (.ci/run installs it), headless, as the workplace's probe runs it.
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{addr}/");
+    let dom = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .output()
+            .expect("chromium (Debian package chromium; .ci/run installs it)")
+    })
+    .await
+    .unwrap();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    server.await.unwrap().unwrap();
+    let html = String::from_utf8_lossy(&dom.stdout);
+    // The rows are drawn by the page's script from /segments: a browser ran it.
+    let table = html
+        .split("<tbody id=\"segments\">")
+        .nth(1)
+        .and_then(|t| t.split("</tbody>").next())
+        .expect("the segments table");
+    assert_eq!(
+        table.matches("<tr class=\"segment\">").count(),
+        settings.model.k,
+        "{table}"
+    );
+    assert!(
+        !table.contains("waiting") && !table.contains("cannot reach"),
+        "{table}"
+    );
+    let chart = html
+        .split("<svg id=\"chart\"")
+        .nth(1)
+        .unwrap()
+        .split("</svg>")
+        .next()
+        .unwrap();
+    assert_eq!(
+        chart.matches("<polyline").count(),
+        settings.model.k,
+        "the sizes chart is drawn"
+    );
 }
