@@ -364,18 +364,7 @@ impl UserState {
         let mut w = [1.0; HALF_LIVES];
         if self.events == 0 || t >= self.anchor_ms {
             if self.events > 0 {
-                let dt = t - self.anchor_ms;
-                for (h, d) in p.decays.iter().enumerate() {
-                    let f = d.factor(dt);
-                    self.behaviour[h].iter_mut().for_each(|s| *s *= f);
-                }
-                let (fm, fl) = (p.decays[1].factor(dt), p.decays[2].factor(dt));
-                for (i, s) in self.sums.iter_mut().enumerate() {
-                    *s *= if i <= PRICE_QTY { fl } else { fm };
-                }
-                self.category.iter_mut().for_each(|s| *s *= fl);
-                self.text.iter_mut().for_each(|s| *s *= fm);
-                self.embed.iter_mut().for_each(|s| *s *= fm);
+                self.decay_by(t - self.anchor_ms, p);
             }
             self.anchor_ms = t;
         } else {
@@ -583,18 +572,25 @@ impl UserState {
             events: self.events,
             ..UserState::default()
         };
+        s.decay_by(dt, p);
+        s.vector(p)
+    }
+
+    /// Decays every sum by `dt_ms` of event time, each at its group's half-life (behaviour at
+    /// all three, purchases and categories at the long one, social, text and embeddings at the
+    /// medium one).
+    fn decay_by(&mut self, dt_ms: i64, p: &FeatureParams) {
         for (h, d) in p.decays.iter().enumerate() {
-            let f = d.factor(dt);
-            s.behaviour[h].iter_mut().for_each(|x| *x *= f);
+            let f = d.factor(dt_ms);
+            self.behaviour[h].iter_mut().for_each(|x| *x *= f);
         }
-        let (fm, fl) = (p.decays[1].factor(dt), p.decays[2].factor(dt));
-        for (i, x) in s.sums.iter_mut().enumerate() {
+        let (fm, fl) = (p.decays[1].factor(dt_ms), p.decays[2].factor(dt_ms));
+        for (i, x) in self.sums.iter_mut().enumerate() {
             *x *= if i <= PRICE_QTY { fl } else { fm };
         }
-        s.category.iter_mut().for_each(|x| *x *= fl);
-        s.text.iter_mut().for_each(|x| *x *= fm);
-        s.embed.iter_mut().for_each(|x| *x *= fm);
-        s.vector(p)
+        self.category.iter_mut().for_each(|x| *x *= fl);
+        self.text.iter_mut().for_each(|x| *x *= fm);
+        self.embed.iter_mut().for_each(|x| *x *= fm);
     }
 
     /// Net spend of a purchase event (negative for cancellations and refunds).

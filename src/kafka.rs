@@ -141,9 +141,8 @@ pub async fn ensure_topics(
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    warn!(%topic, error = %code, "Could not create topic.");
-                })
+                warn!(%topic, error = %code, "Could not create topic.");
+                return Err(KafkaError::AdminOp(code));
             }
         }
     }

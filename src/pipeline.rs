@@ -11,7 +11,7 @@ use crate::config::Settings;
 use crate::decode::{DecodeError, Decoder};
 use crate::encode::encode_change;
 use crate::engine::{Engine, Outcome};
-use crate::event::{ChangeReason, Source};
+use crate::event::{ChangeReason, SegmentChange, Source};
 use crate::http::{ApiCommand, PipelineLink};
 use crate::kafka::{commit_sync, consumer_config, producer, SegContext};
 use crate::metrics::{Metrics, Mirror};
@@ -144,13 +144,8 @@ pub async fn run_with_api(
                 let mut deliveries = Vec::new();
                 if let Some(change) = change {
                     metrics.erased();
-                    let bytes =
-                        encode_change(&change, settings.output.format, settings.output.schema_id);
-                    let record = FutureRecord::to(&settings.kafka.topics.segment_changes)
-                        .key(change.user_id.as_bytes())
-                        .payload(&bytes[..]);
-                    match send(&producer, record).await {
-                        Ok(f) => deliveries.push((f, Output::Change(change.reason, change.event_time))),
+                    match publish_change(&producer, settings, &change).await {
+                        Ok(d) => deliveries.push(d),
                         Err(e) => {
                             result = Err(PipelineError::Kafka(e));
                             break;
@@ -203,15 +198,8 @@ pub async fn run_with_api(
                     }
                 }
                 for change in applied.changes {
-                    let bytes =
-                        encode_change(&change, settings.output.format, settings.output.schema_id);
-                    let record = FutureRecord::to(&settings.kafka.topics.segment_changes)
-                        .key(change.user_id.as_bytes())
-                        .payload(&bytes[..]);
-                    match send(&producer, record).await {
-                        Ok(f) => {
-                            deliveries.push((f, Output::Change(change.reason, change.event_time)))
-                        }
+                    match publish_change(&producer, settings, &change).await {
+                        Ok(d) => deliveries.push(d),
                         Err(e) => {
                             result = Err(PipelineError::Kafka(e));
                             break;
@@ -278,6 +266,20 @@ pub async fn run_with_api(
         "Pipeline stopped."
     );
     result.map(|()| engine)
+}
+
+/// Sends a segment change to the output topic, keyed by user id.
+async fn publish_change(
+    producer: &FutureProducer,
+    settings: &Settings,
+    change: &SegmentChange,
+) -> Result<(DeliveryFuture, Output), KafkaError> {
+    let bytes = encode_change(change, settings.output.format, settings.output.schema_id);
+    let record = FutureRecord::to(&settings.kafka.topics.segment_changes)
+        .key(change.user_id.as_bytes())
+        .payload(&bytes[..]);
+    let f = send(producer, record).await?;
+    Ok((f, Output::Change(change.reason, change.event_time)))
 }
 
 /// The original headers plus the reason and the source coordinates.
