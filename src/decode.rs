@@ -4,14 +4,10 @@
 //! place. It is pure: no Kafka, no clock (the caller passes `now`), and it never panics on any
 //! input (a property test feeds it arbitrary bytes).
 
+use crate::avro_fast;
 use crate::config::{DecodeConfig, WireFormat};
 use crate::event::{ClickEvent, Event, OrderStatus, PurchaseEvent, SocialEvent, Source};
-use crate::schema::{self, CONFLUENT_HEADER_LEN};
-use apache_avro::reader::datum::GenericDatumReader;
-
-/// Largest allocation a single Avro message may ask for (an array or string length prefix).
-/// Larger claims are malformed input, not a reason to exhaust memory.
-const MAX_AVRO_ALLOCATION: usize = 16 << 20;
+use crate::schema::CONFLUENT_HEADER_LEN;
 
 /// Why a message could not be used. Each variant has a stable low-cardinality [`code`](Self::code)
 /// used as the metric label and in the dead-letter headers.
@@ -99,33 +95,11 @@ impl DecodeError {
 /// Decodes and validates messages of the three input topics. Build once, reuse per message.
 pub struct Decoder {
     config: DecodeConfig,
-    readers: [GenericDatumReader<'static>; 3],
-}
-
-fn index(source: Source) -> usize {
-    match source {
-        Source::Clickstream => 0,
-        Source::Purchases => 1,
-        Source::Social => 2,
-    }
 }
 
 impl Decoder {
     pub fn new(config: DecodeConfig) -> Self {
-        apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
-        let reader = |s: Source| {
-            GenericDatumReader::builder(schema::input(s))
-                .build()
-                .expect("bundled schema resolves")
-        };
-        Self {
-            config,
-            readers: [
-                reader(Source::Clickstream),
-                reader(Source::Purchases),
-                reader(Source::Social),
-            ],
-        }
+        Self { config }
     }
 
     /// Decodes a message of `source` in the topic's configured format and validates it.
@@ -177,21 +151,15 @@ impl Decoder {
         if got != expected {
             return Err(DecodeError::UnknownSchemaId { got, expected });
         }
-        let mut body = &payload[CONFLUENT_HEADER_LEN..];
-        let reader = &self.readers[index(source)];
-        let avro_err = |e: apache_avro::Error| DecodeError::InvalidAvro(e.to_string());
+        // The decoder specialised to the bundled schemas (`avro_fast`); apache-avro is its
+        // reference in tests.
+        let body = &payload[CONFLUENT_HEADER_LEN..];
         let event = match source {
-            Source::Clickstream => Event::Click(reader.read_deser(&mut body).map_err(avro_err)?),
-            Source::Purchases => Event::Purchase(reader.read_deser(&mut body).map_err(avro_err)?),
-            Source::Social => Event::Social(reader.read_deser(&mut body).map_err(avro_err)?),
+            Source::Clickstream => avro_fast::click(body).map(Event::Click),
+            Source::Purchases => avro_fast::purchase(body).map(Event::Purchase),
+            Source::Social => avro_fast::social(body).map(Event::Social),
         };
-        if !body.is_empty() {
-            return Err(DecodeError::InvalidAvro(format!(
-                "{} bytes left after the record",
-                body.len()
-            )));
-        }
-        Ok(event)
+        event.map_err(DecodeError::InvalidAvro)
     }
 
     fn check_time(&self, event_ms: i64, now_ms: i64) -> Result<(), DecodeError> {
@@ -446,7 +414,7 @@ mod tests {
             let d = decoder();
             let source = Source::ALL[src];
             // Confluent-framed garbage with the right id reaches the Avro reader itself.
-            let mut framed = schema::confluent_frame(DecodeConfig::default().schema_ids.get(source), &bytes);
+            let mut framed = crate::schema::confluent_frame(DecodeConfig::default().schema_ids.get(source), &bytes);
             let _ = d.decode(source, &bytes, Some(0));
             let _ = d.decode(source, &framed, Some(0));
             framed.truncate(framed.len() / 2);

@@ -1,6 +1,7 @@
 //! segstream: real-time user segmentation over Kafka. See ARCHITECTURE.md for the map.
 
 pub mod app;
+pub mod avro_fast;
 pub mod cli;
 pub mod config;
 pub mod decode;
