@@ -600,7 +600,7 @@ impl RawConfig {
         }
         for (i, rule) in m.actions.iter().enumerate() {
             if let Some(f) = &rule.feature {
-                if !(0..crate::features::DIM).any(|j| crate::features::feature_name(j) == *f) {
+                if crate::features::feature_index(f).is_none() {
                     return Err(ConfigError::ActionFeature(i, f.clone()));
                 }
             }

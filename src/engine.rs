@@ -7,8 +7,8 @@
 use crate::config::{ActionRule, LatePolicy, Settings};
 use crate::event::{ChangeReason, Event, SegmentChange, UserId};
 use crate::features::{
-    category_bucket, feature_name, group_of, FeatureParams, Group, LabelWindow, UserState, Vector,
-    CATEGORY_BUCKETS, DIM, LAYOUT_VERSION,
+    category_bucket, feature_index, feature_name, group_of, FeatureParams, Group, LabelWindow,
+    UserState, Vector, CATEGORY_BUCKETS, CATEGORY_START, DIM, LAYOUT_VERSION,
 };
 use crate::model::{KMeans, Nearest, Scaler, Sgd};
 use crate::store::Store;
@@ -82,7 +82,7 @@ pub struct Models {
     kmeans: KMeans,
     sgd: Sgd,
     /// Per category bucket, the names seen and how often (bounded), to name segments.
-    category_names: Vec<HashMap<String, u64>>,
+    category_names: Vec<HashMap<String, u64, ahash::RandomState>>,
     /// Exponentially weighted mean distance of events' vectors to their nearest centroid.
     #[serde(default)]
     distance_ewma: f64,
@@ -170,7 +170,7 @@ impl Engine {
             params: FeatureParams::new(f.half_lives.map(|d| d.as_millis() as f64), m.seed),
             models: Models {
                 layout_version: LAYOUT_VERSION,
-                feature_names: (0..DIM).map(feature_name).collect(),
+                feature_names: (0..DIM).map(|i| feature_name(i).to_owned()).collect(),
                 scaler: Scaler::weighted(m.clip_z, weights),
                 kmeans: KMeans::with_forgetting(
                     m.k,
@@ -180,7 +180,7 @@ impl Engine {
                     m.forgetting_half_life.as_millis() as f64,
                 ),
                 sgd: Sgd::new(m.sgd_learning_rate, m.sgd_l2),
-                category_names: vec![HashMap::new(); CATEGORY_BUCKETS],
+                category_names: vec![HashMap::default(); CATEGORY_BUCKETS],
                 distance_ewma: 0.0,
             },
             rules: Rules {
@@ -223,6 +223,7 @@ impl Engine {
             });
         }
         models.kmeans.after_load();
+        models.scaler.refresh();
         let mut e = Self::new(s);
         if models.kmeans.is_seeded() {
             e.fits_left = 0;
@@ -417,25 +418,28 @@ impl Engine {
         let (sizes, values) = (&mut self.segment_sizes, &mut self.segment_value);
         let mut decided = Vec::new();
         let (mut matured, mut flaps) = (0, 0);
-        self.store.update_all(|user, state| {
-            let x = state.vector_at(at, params);
-            if models.mature_label(state, at, rules.horizon_ms) {
-                matured += 1;
-            }
-            models.open_label(state, at, &x);
-            let z = models.scaler.transform(&x);
-            let old = (state.segment, state.predicted_value);
-            state.predicted_value = models.predict(&z);
-            // The sweep is also a mini-batch over the whole population as of now, so centroids
-            // describe every user's present, not only the recently active users' vectors.
-            let d = models.decide(state, &z, at, rules, true);
-            if account(sizes, values, old, state.predicted_value, d.as_ref()) {
-                flaps += 1;
-            }
-            if let Some(d) = d {
-                decided.push((user.clone(), d, state.predicted_value, state.version));
-            }
-        });
+        for user in self.store.sorted_ids() {
+            let Some((d, predicted, version)) = self.store.update(user.as_str(), |state| {
+                let x = state.vector_at(at, params);
+                if models.mature_label(state, at, rules.horizon_ms) {
+                    matured += 1;
+                }
+                models.open_label(state, at, &x);
+                let z = models.scaler.transform(&x);
+                let old = (state.segment, state.predicted_value);
+                state.predicted_value = models.predict(&z);
+                // The sweep is also a mini-batch over the whole population as of now, so centroids
+                // describe every user's present, not only the recently active users' vectors.
+                let d = models.decide(state, &z, at, rules, true);
+                if account(sizes, values, old, state.predicted_value, d.as_ref()) {
+                    flaps += 1;
+                }
+                d.map(|d| (d, state.predicted_value, state.version))
+            }) else {
+                continue;
+            };
+            decided.push((user, d, predicted, version));
+        }
         self.counters.labels_matured += matured;
         self.counters.flaps += flaps;
         decided
@@ -464,11 +468,11 @@ impl Engine {
             }
             let name = feature_name(i);
             // One phrase per behaviour kind, whatever its half-life.
-            let kind = name.split("_per_day_").next().unwrap_or(&name).to_owned();
+            let kind = name.split("_per_day_").next().unwrap_or(name).to_owned();
             if kinds.contains(&kind) {
                 continue;
             }
-            if let Some(p) = self.phrase(i, &name, z) {
+            if let Some(p) = self.phrase(i, name, z) {
                 kinds.push(kind);
                 words.push(p);
             }
@@ -510,7 +514,7 @@ impl Engine {
             "mean_rating" => pick("positive reviewer", "critical reviewer"),
             "sentiment" => pick("positive reviews", "negative reviews"),
             n if n.starts_with("category_") && high => {
-                let b = i - (0..DIM).find(|&k| feature_name(k) == "category_0")?;
+                let b = i - CATEGORY_START;
                 Some(format!("strong affinity to {}", self.category_name(b)))
             }
             _ => None,
@@ -527,9 +531,7 @@ impl Engine {
 
     /// The segment's strongest category name.
     fn top_category(&self, j: usize) -> String {
-        let first = (0..DIM)
-            .find(|&k| feature_name(k) == "category_0")
-            .unwrap_or(0);
+        let first = CATEGORY_START;
         let best = self.models.kmeans.centroids().map_or(0, |c| {
             (0..CATEGORY_BUCKETS)
                 .max_by(|&a, &b| c[[j, first + a]].total_cmp(&c[[j, first + b]]))
@@ -548,7 +550,7 @@ impl Engine {
                 }
             }
             if let Some(f) = &r.feature {
-                let i = (0..DIM).find(|&k| feature_name(k) == *f)?;
+                let i = feature_index(f)?;
                 let w = self.models.scaler.weight(i);
                 let z = if w > 0.0 { c[[j, i]] / w } else { 0.0 };
                 if r.min_z.is_some_and(|m| z < m) || r.max_z.is_some_and(|m| z > m) {
@@ -685,7 +687,10 @@ impl Engine {
                         (0..DIM)
                             .map(|i| {
                                 let w = self.models.scaler.weight(i);
-                                (feature_name(i), if w > 0.0 { c[[j, i]] / w } else { 0.0 })
+                                (
+                                    feature_name(i).to_owned(),
+                                    if w > 0.0 { c[[j, i]] / w } else { 0.0 },
+                                )
                             })
                             .collect()
                     }),

@@ -57,7 +57,22 @@ const B_TEXT: usize = B_SOCIAL + 4;
 const B_EMBED: usize = B_TEXT + TEXT_BUCKETS;
 
 /// Name of component `i` (e.g. `views_per_day_short`, `monetary`, `category_3`).
-pub fn feature_name(i: usize) -> String {
+pub fn feature_name(i: usize) -> &'static str {
+    &FEATURE_NAMES[i]
+}
+
+/// Index of the feature called `name`.
+pub fn feature_index(name: &str) -> Option<usize> {
+    FEATURE_NAMES.iter().position(|n| n == name)
+}
+
+/// First component of the category-affinity block.
+pub const CATEGORY_START: usize = B_CATEGORY;
+
+static FEATURE_NAMES: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (0..DIM).map(build_name).collect());
+
+fn build_name(i: usize) -> String {
     match i {
         i if i < B_PURCHASE => format!("{}_per_day_{}", BEHAVIOUR[i % 6], SUFFIX[i / 6]),
         i if i < B_CATEGORY => [
@@ -612,7 +627,7 @@ impl UserState {
         self.vector_at(t, p)
             .into_iter()
             .enumerate()
-            .map(|(i, x)| (feature_name(i), x))
+            .map(|(i, x)| (feature_name(i).to_owned(), x))
             .collect()
     }
 }
@@ -681,12 +696,12 @@ mod tests {
     }
 
     fn idx(name: &str) -> usize {
-        (0..DIM).find(|&i| feature_name(i) == name).unwrap()
+        feature_index(name).unwrap()
     }
 
     #[test]
     fn names_are_unique_and_cover_the_layout() {
-        let mut names: Vec<String> = (0..DIM).map(feature_name).collect();
+        let mut names: Vec<&str> = (0..DIM).map(feature_name).collect();
         names.sort();
         names.dedup();
         assert_eq!(names.len(), DIM);
