@@ -45,10 +45,28 @@ pub enum Command {
     Retail(RetailArgs),
     /// Print the segment catalogue of a saved model.
     Segments(SegmentsArgs),
+    /// Measurements that print their figures.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Resident memory per user: persona events for N users through the engine.
+    Memory {
+        /// Distinct users.
+        #[arg(long, default_value_t = 1_000_000)]
+        users: usize,
+        /// Events per user (on average; users are drawn at random).
+        #[arg(long, default_value_t = 4)]
+        events_per_user: usize,
     },
 }
 
@@ -318,6 +336,21 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let report = retail::convert(&a.input, &a.output, a.rejects.as_deref())
                 .with_context(|| format!("converting {}", a.input.display()))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Memory {
+                    users,
+                    events_per_user,
+                },
+        } => {
+            let r = crate::bench::memory(users, events_per_user)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            println!(
+                "{} users: {:.0} bytes of resident memory per user ({:.0} events/s while filling)",
+                r.users, r.bytes_per_user, r.events_per_second
+            );
             Ok(())
         }
         Command::Config {

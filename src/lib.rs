@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod avro_fast;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod decode;
