@@ -59,6 +59,18 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Through a real broker: segstream's rate next to a bare consumer's on the same topics.
+    Broker {
+        /// Bootstrap servers of the broker to measure against.
+        #[arg(long)]
+        brokers: String,
+        /// Events to produce and consume.
+        #[arg(long, default_value_t = 500_000)]
+        events: u64,
+        /// Distinct users in the traffic (each one's first assignment is a published change).
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+    },
     /// Resident memory per user: persona events for N users through the engine.
     Memory {
         /// Distinct users.
@@ -336,6 +348,22 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let report = retail::convert(&a.input, &a.output, a.rejects.as_deref())
                 .with_context(|| format!("converting {}", a.input.display()))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Broker {
+                    brokers,
+                    events,
+                    users,
+                },
+        } => {
+            let r = crate::bench::broker(&brokers, events, users).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            println!(
+                "bare consumer {:.0} events/s, segstream {:.0} events/s: ratio {:.2}",
+                r.bare_consumer_events_per_second, r.segstream_events_per_second, r.ratio
+            );
             Ok(())
         }
         Command::Bench {
