@@ -107,35 +107,8 @@ async fn generate_creates_topics_and_produces_the_requested_count() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_serves_profiles_and_segments_and_erases_users() {
-    let settings = fresh_settings("api", 2).await;
-    let mut g = Generator::new(8, 60, 0.0);
-    let sent = produce(
-        &settings,
-        (0..2_000)
-            .map(|_| g.next_record(wall_ms(), &settings.decode))
-            .collect(),
-    )
-    .await;
-    let engine = Engine::new(&settings);
-    let metrics = Metrics::new();
-    let (api, link) = segstream::http::link(&engine, metrics.clone(), Some("s3cret".into()));
-    let cancel = CancellationToken::new();
-    let (addr, server) = segstream::http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        segstream::http::api_router(api),
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
-    let task = {
-        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run_with_api(&s, engine, m, c, link).await })
-    };
-    assert!(
-        wait_for(Duration::from_secs(90), || metrics.consumed_total()
-            >= sent.len() as u64)
-        .await
-    );
+    let run = start_api("api", 8, Some("s3cret")).await;
+    let (settings, addr, metrics) = (run.settings.clone(), run.addr, run.metrics.clone());
     let token = Some("s3cret");
 
     // The token guards the API, not metrics or health.
@@ -204,10 +177,9 @@ async fn the_api_serves_profiles_and_segments_and_erases_users() {
             .0,
         404
     );
+    // Stopping drains deliveries, so every published change is counted by then.
+    run.stop().await;
     let changes = metrics.changes_total() as usize;
-    cancel.cancel();
-    task.await.unwrap().unwrap();
-    server.await.unwrap().unwrap();
     let out = read_topic(
         &settings,
         &settings.kafka.topics.segment_changes,
@@ -259,35 +231,8 @@ impl WithStdin for std::process::Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_renders_segments_in_a_real_browser() {
-    let settings = fresh_settings("page", 2).await;
-    let mut g = Generator::new(9, 60, 0.0);
-    let sent = produce(
-        &settings,
-        (0..2_000)
-            .map(|_| g.next_record(wall_ms(), &settings.decode))
-            .collect(),
-    )
-    .await;
-    let engine = Engine::new(&settings);
-    let metrics = Metrics::new();
-    let (api, link) = segstream::http::link(&engine, metrics.clone(), None);
-    let cancel = CancellationToken::new();
-    let (addr, server) = segstream::http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        segstream::http::api_router(api),
-        cancel.clone(),
-    )
-    .await
-    .unwrap();
-    let task = {
-        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run_with_api(&s, engine, m, c, link).await })
-    };
-    assert!(
-        wait_for(Duration::from_secs(90), || metrics.consumed_total()
-            >= sent.len() as u64)
-        .await
-    );
+    let run = start_api("page", 9, None).await;
+    let (settings, addr) = (run.settings.clone(), run.addr);
     // Let the pipeline publish the catalogue of the seeded model.
     tokio::time::sleep(Duration::from_millis(700)).await;
 
@@ -315,9 +260,7 @@ async fn the_status_page_renders_segments_in_a_real_browser() {
     })
     .await
     .unwrap();
-    cancel.cancel();
-    task.await.unwrap().unwrap();
-    server.await.unwrap().unwrap();
+    run.stop().await;
     let html = String::from_utf8_lossy(&dom.stdout);
     // The rows are drawn by the page's script from /segments: a browser ran it.
     let table = html
@@ -346,4 +289,56 @@ async fn the_status_page_renders_segments_in_a_real_browser() {
         settings.model.k,
         "the sizes chart is drawn"
     );
+}
+
+/// A pipeline with its HTTP API on a free port, having consumed 2,000 persona records.
+struct Running {
+    settings: segstream::config::Settings,
+    addr: std::net::SocketAddr,
+    metrics: Metrics,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<Engine, segstream::pipeline::PipelineError>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start_api(name: &str, seed: u64, token: Option<&str>) -> Running {
+    let settings = fresh_settings(name, 2).await;
+    let mut g = Generator::new(seed, 60, 0.0);
+    let records = (0..2_000)
+        .map(|_| g.next_record(wall_ms(), &settings.decode))
+        .collect();
+    let sent = produce(&settings, records).await;
+    let engine = Engine::new(&settings);
+    let metrics = Metrics::new();
+    let (api, link) = segstream::http::link(&engine, metrics.clone(), token.map(Into::into));
+    let cancel = CancellationToken::new();
+    let (addr, server) = segstream::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        segstream::http::api_router(api),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    let task = {
+        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move { pipeline::run_with_api(&s, engine, m, c, link).await })
+    };
+    let want = sent.len() as u64;
+    assert!(wait_for(Duration::from_secs(90), || metrics.consumed_total() >= want).await);
+    Running {
+        settings,
+        addr,
+        metrics,
+        cancel,
+        task,
+        server,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap().unwrap();
+        self.server.await.unwrap().unwrap();
+    }
 }
