@@ -425,6 +425,10 @@ impl Engine {
                     matured += 1;
                 }
                 models.open_label(state, at, &x);
+                // Standardisation, like the centroids, describes the population as of now:
+                // otherwise z-scores (and so descriptions) compare everyone's present with the
+                // moment of their last event, and every segment reads "lapsed".
+                models.scaler.observe(&x);
                 let z = models.scaler.transform(&x);
                 let old = (state.segment, state.predicted_value);
                 state.predicted_value = models.predict(&z);

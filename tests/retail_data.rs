@@ -63,6 +63,17 @@ fn online_retail_converts_by_the_rules_and_replays_into_segments() {
     assert!(r.users > 4_000, "about 4,372 customers: {}", r.users);
     let segments = engine.segments();
     assert!(segments.iter().all(|s| s.size > 0), "{segments:?}");
+    // Segments are told apart in words: mostly distinct descriptions, and no trait shared by
+    // all (descriptions once all read "lapsed buyer": z-scores taken against the wrong moment).
+    let labels: std::collections::HashSet<&str> =
+        segments.iter().map(|s| s.label.as_str()).collect();
+    assert!(labels.len() >= segments.len() - 2, "{labels:?}");
+    for phrase in segments[0].label.split(", ") {
+        assert!(
+            !segments.iter().all(|s| s.label.contains(phrase)),
+            "every segment is {phrase}: {labels:?}"
+        );
+    }
     let assigned: i64 = segments.iter().map(|s| s.size).sum();
     assert!(
         assigned as f64 > 0.9 * r.users as f64,
