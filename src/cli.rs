@@ -145,14 +145,9 @@ pub struct SegmentsArgs {
     pub json: bool,
 }
 
+/// The synthetic traffic shared by `demo` and `generate`.
 #[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Stop after this long (e.g. 20s); without it, run until Ctrl-C.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub duration: Option<Duration>,
-    /// Synthetic events per second.
-    #[arg(long, default_value_t = 5_000)]
-    pub rate: u64,
+pub struct TrafficArgs {
     /// Distinct synthetic users.
     #[arg(long, default_value_t = 2_000)]
     pub users: usize,
@@ -162,6 +157,18 @@ pub struct DemoArgs {
     /// Seed of the generator.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after this long (e.g. 20s); without it, run until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Synthetic events per second.
+    #[arg(long, default_value_t = 5_000)]
+    pub rate: u64,
+    #[command(flatten)]
+    pub traffic: TrafficArgs,
     /// HTTP address of /metrics (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http_bind: String,
@@ -174,15 +181,8 @@ pub struct GenerateArgs {
     /// Records per second (0 = as fast as possible).
     #[arg(long, default_value_t = 1_000)]
     pub rate: u64,
-    /// Distinct users.
-    #[arg(long, default_value_t = 2_000)]
-    pub users: usize,
-    /// Share of malformed records.
-    #[arg(long, default_value_t = 0.01)]
-    pub malformed_ratio: f64,
-    /// Seed.
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub traffic: TrafficArgs,
     /// Stop after this many records (default: until Ctrl-C).
     #[arg(long)]
     pub count: Option<u64>,
@@ -267,9 +267,9 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 DemoOptions {
                     duration: a.duration,
                     rate: a.rate,
-                    users: a.users,
-                    malformed_ratio: a.malformed_ratio,
-                    seed: a.seed,
+                    users: a.traffic.users,
+                    malformed_ratio: a.traffic.malformed_ratio,
+                    seed: a.traffic.seed,
                     http_bind: a.http_bind,
                 },
                 cancel,
@@ -287,9 +287,9 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 &settings,
                 &GenerateOptions {
                     rate: a.rate,
-                    users: a.users,
-                    malformed_ratio: a.malformed_ratio,
-                    seed: a.seed,
+                    users: a.traffic.users,
+                    malformed_ratio: a.traffic.malformed_ratio,
+                    seed: a.traffic.seed,
                     count: a.count,
                     create_topics: a.create_topics,
                 },

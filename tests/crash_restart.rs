@@ -44,21 +44,8 @@ async fn kill_9_mid_stream_then_restart_loses_nothing() {
         })
     };
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_segstream"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut progressed = false;
-    for _ in 0..900 {
-        if committed(&settings, 3).values().sum::<i64>() > 500 {
-            progressed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut child = spawn_service(&config);
+    let progressed = wait_committed(&settings, 500).await;
     child.kill().unwrap(); // SIGKILL: no shutdown, no final commit.
     child.wait().unwrap();
     assert!(
@@ -187,21 +174,8 @@ async fn sigterm_stops_the_service_in_order_and_commits() {
             .collect(),
     )
     .await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_segstream"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut started = false;
-    for _ in 0..900 {
-        if committed(&settings, 3).values().sum::<i64>() > 0 {
-            started = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut child = spawn_service(&config);
+    let started = wait_committed(&settings, 0).await;
     assert!(started, "the service consumed and committed");
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -241,4 +215,26 @@ async fn sigterm_stops_the_service_in_order_and_commits() {
     cancel.cancel();
     task.await.unwrap().unwrap();
     assert_eq!(metrics.consumed_total(), total - done);
+}
+
+/// `segstream run --config FILE` as a separate process.
+fn spawn_service(config: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_segstream"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls the group's committed offsets until their sum exceeds `more_than` (90 s at most).
+async fn wait_committed(settings: &segstream::config::Settings, more_than: i64) -> bool {
+    for _ in 0..900 {
+        if committed(settings, 3).values().sum::<i64>() > more_than {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
