@@ -219,11 +219,16 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
         &t.social,
         &t.segment_changes,
         &t.dead_letter,
+        &t.changelog,
+        &t.erasure,
     ] {
         cluster
             .create_topic(topic, 3, 1)
             .with_context(|| format!("creating topic {topic}"))?;
     }
+    cluster
+        .create_topic(&t.model, 1, 1)
+        .context("creating the model topic")?;
 
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
@@ -434,11 +439,14 @@ pub fn settings_for(brokers: &str, prefix: &str) -> Settings {
     raw.kafka.topics.social = format!("{prefix}-social");
     raw.kafka.topics.segment_changes = format!("{prefix}-segment-changes");
     raw.kafka.topics.dead_letter = format!("{prefix}-dead-letter");
+    raw.kafka.topics.changelog = format!("{prefix}-changelog");
+    raw.kafka.topics.model = format!("{prefix}-model");
+    raw.kafka.topics.erasure = format!("{prefix}-erasure");
     raw.http.bind = "127.0.0.1:0".into();
     raw.validate().expect("generated settings are valid")
 }
 
-/// Creates all five topics of `settings` (tests, demo-like setups).
+/// Creates all topics of `settings` (tests, demo-like setups).
 pub async fn create_all_topics(settings: &Settings, partitions: i32) -> anyhow::Result<()> {
     let t = &settings.kafka.topics;
     kafka::ensure_topics(
@@ -450,8 +458,17 @@ pub async fn create_all_topics(settings: &Settings, partitions: i32) -> anyhow::
             &t.social,
             &t.segment_changes,
             &t.dead_letter,
+            &t.changelog,
+            &t.erasure,
         ],
         partitions,
+    )
+    .await?;
+    kafka::ensure_topics(
+        &settings.kafka.brokers,
+        &settings.kafka.properties,
+        &[&t.model],
+        1,
     )
     .await?;
     Ok(())

@@ -30,6 +30,8 @@ pub struct RawConfig {
     pub model: ModelConfig,
     /// The consume → apply → deliver pipeline.
     pub pipeline: PipelineConfig,
+    /// Durable state (checkpoints to the changelog), eviction.
+    pub state: StateConfig,
     /// The HTTP endpoint (metrics, health).
     pub http: HttpConfig,
 }
@@ -83,6 +85,12 @@ pub struct TopicsConfig {
     pub segment_changes: String,
     /// Output: messages that could not be used, with headers saying why.
     pub dead_letter: String,
+    /// State: per-user checkpoints, one partition per input partition (see `state`).
+    pub changelog: String,
+    /// State: the trainer instance's models, adopted by the other instances (one partition).
+    pub model: String,
+    /// Input: erasure requests (key = user id, any value): the right to be forgotten.
+    pub erasure: String,
 }
 
 impl Default for TopicsConfig {
@@ -93,6 +101,9 @@ impl Default for TopicsConfig {
             social: "social".into(),
             segment_changes: "segment-changes".into(),
             dead_letter: "segstream-dead-letter".into(),
+            changelog: "segstream-changelog".into(),
+            model: "segstream-model".into(),
+            erasure: "segstream-erasure".into(),
         }
     }
 }
@@ -403,6 +414,53 @@ impl Default for PipelineConfig {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Checkpoint per-user state, models and input offsets to the changelog. Off: state lives
+    /// in memory only and input is committed at-least-once (a restart starts from nothing).
+    pub checkpoints: bool,
+    /// Time between checkpoints; after a crash, input since the last one is read again.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// Every this many checkpoints a partition's checkpoint holds all its users, so restoring
+    /// never needs the changelog older than that (retention can delete it).
+    pub full_checkpoint_every: u32,
+    /// Retention set on the changelog topic when segstream creates it; must be well above
+    /// `checkpoint_interval × full_checkpoint_every`.
+    #[serde(with = "humantime_serde")]
+    pub changelog_retention: Duration,
+    /// Retention set on the model topic when segstream creates it: a starting instance reads
+    /// it to its end for the latest models, so keep it short.
+    #[serde(with = "humantime_serde")]
+    pub model_retention: Duration,
+    /// Users without an event for this long (event time) are evicted at the next sweep.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// At most this many users in memory: beyond it (plus 1 %), the least recently seen are
+    /// evicted. Each eviction publishes a change with reason `evicted`.
+    pub max_users: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            checkpoints: true,
+            // Bounds re-reading after a crash to seconds of input.
+            checkpoint_interval: Duration::from_secs(5),
+            // A full checkpoint every 10 minutes.
+            full_checkpoint_every: 120,
+            changelog_retention: Duration::from_secs(86_400),
+            // Hundreds of model snapshots: plenty to find the latest, quick to read.
+            model_retention: Duration::from_secs(3_600),
+            // A year: longer than any half-life's memory of a user.
+            ttl: Duration::from_secs(365 * 86_400),
+            // About 5 GB of state at ~500 bytes per user.
+            max_users: 10_000_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of the HTTP API, `/metrics`, `/healthz` and `/readyz`. Port 0 picks a free port.
     pub bind: String,
@@ -460,6 +518,10 @@ pub enum ConfigError {
     L2,
     #[error("pipeline.max_in_flight: must be at least 1")]
     InFlight,
+    #[error("state.{0}: must be at least 1")]
+    StateCount(&'static str),
+    #[error("state.{0}: must be at least 100ms")]
+    StateInterval(&'static str),
     #[error("http.bind: `{0}` is not an address like 127.0.0.1:9464")]
     Bind(String),
 }
@@ -473,6 +535,7 @@ pub struct Settings {
     pub features: FeatureConfig,
     pub model: ModelConfig,
     pub pipeline: PipelineConfig,
+    pub state: StateConfig,
     pub http_bind: SocketAddr,
     pub http_token: Option<String>,
 }
@@ -527,6 +590,9 @@ impl RawConfig {
             ("social", &k.topics.social),
             ("segment_changes", &k.topics.segment_changes),
             ("dead_letter", &k.topics.dead_letter),
+            ("changelog", &k.topics.changelog),
+            ("model", &k.topics.model),
+            ("erasure", &k.topics.erasure),
         ];
         for (i, (key, name)) in topics.iter().enumerate() {
             if name.trim().is_empty() {
@@ -608,6 +674,23 @@ impl RawConfig {
         if self.pipeline.max_in_flight == 0 {
             return Err(ConfigError::InFlight);
         }
+        let st = &self.state;
+        if st.full_checkpoint_every == 0 {
+            return Err(ConfigError::StateCount("full_checkpoint_every"));
+        }
+        if st.max_users == 0 {
+            return Err(ConfigError::StateCount("max_users"));
+        }
+        for (key, d) in [
+            ("checkpoint_interval", st.checkpoint_interval),
+            ("changelog_retention", st.changelog_retention),
+            ("model_retention", st.model_retention),
+            ("ttl", st.ttl),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(ConfigError::StateInterval(key));
+            }
+        }
         let http_bind = self
             .http
             .bind
@@ -620,6 +703,7 @@ impl RawConfig {
             features: self.features,
             model: self.model,
             pipeline: self.pipeline,
+            state: self.state,
             http_bind,
             http_token: self.http.token.filter(|t| !t.is_empty()),
         })

@@ -4,6 +4,7 @@
 //! No Kafka, no tokio, no clock: event time drives features, forgetting, label maturity and
 //! sweeps; the caller passes the wall-clock time used only for `emit_time`.
 
+use crate::changelog::encode_user;
 use crate::config::{ActionRule, LatePolicy, Settings};
 use crate::event::{ChangeReason, Event, SegmentChange, UserId};
 use crate::features::{
@@ -62,7 +63,7 @@ pub struct UserDump {
 }
 
 /// Counters the metrics mirror.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Counters {
     pub applied: u64,
     pub duplicates: u64,
@@ -71,6 +72,8 @@ pub struct Counters {
     pub sweeps: u64,
     pub labels_matured: u64,
     pub erased: u64,
+    #[serde(default)]
+    pub evicted: u64,
 }
 
 /// The models shared by all users; what `--save-model` writes.
@@ -117,7 +120,24 @@ struct Rules {
     horizon_ms: i64,
     actions: Vec<ActionRule>,
     half_life_days: [f64; 3],
+    ttl_ms: i64,
+    max_users: usize,
 }
+
+/// The engine's state beyond the users: what a checkpoint writes next to the changelog, so a
+/// restart continues the same models, counters and sweep schedule.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct GlobalState {
+    models: Models,
+    counters: Counters,
+    watermark_ms: i64,
+    next_sweep_ms: i64,
+    next_fit: u64,
+    fits_left: u32,
+}
+
+/// One changelog record: a user's encoded state, or `None` for a user that left.
+pub type UserRecord = (UserId, Option<Vec<u8>>);
 
 pub struct Engine {
     store: Arc<Store>,
@@ -131,6 +151,11 @@ pub struct Engine {
     next_sweep_ms: i64,
     next_fit: u64,
     fits_left: u32,
+    /// Users removed (erased, evicted) since the last checkpoint, with their shard.
+    removed: Vec<(i32, UserId)>,
+    /// Whether this engine trains the models (the default) or only applies them: with several
+    /// instances, one trains and the others adopt its published models.
+    trainer: bool,
 }
 
 /// Fits after the seeding one, at 4×, 16× and 64× `init_events`.
@@ -140,6 +165,19 @@ const NAMES_PER_BUCKET: usize = 32;
 
 fn ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a sweep did with one user.
+enum Visit {
+    Expired,
+    Decided(Decision, f64, i64),
+    Kept,
+}
+
+/// How far past `max_users` the map may grow (at most) before the least recently seen are
+/// evicted down to `max_users`: 1 %, at least one user.
+fn eviction_slack(max_users: usize) -> usize {
+    (max_users / 100).max(1)
 }
 
 /// One user's decision after an event or a sweep.
@@ -194,6 +232,8 @@ impl Engine {
                 horizon_ms: ms(m.value_horizon),
                 actions: m.actions.clone(),
                 half_life_days: f.half_lives.map(|d| d.as_secs_f64() / 86_400.0),
+                ttl_ms: ms(s.state.ttl),
+                max_users: s.state.max_users,
             },
             segment_sizes: vec![0; m.k],
             segment_value: vec![0.0; m.k],
@@ -202,28 +242,15 @@ impl Engine {
             next_sweep_ms: i64::MIN,
             next_fit: m.init_events,
             fits_left: 1 + REFITS,
+            removed: Vec::new(),
+            trainer: true,
         }
     }
 
     /// An engine that starts from a saved model (warm start): no re-seeding, the same ids.
     pub fn with_model(s: &Settings, path: &Path) -> Result<Self, ModelError> {
-        let mut models: Models = serde_json::from_slice(&std::fs::read(path)?)?;
-        if models.layout_version != LAYOUT_VERSION || models.feature_names.len() != DIM {
-            return Err(ModelError::Layout {
-                got: models.layout_version,
-                dim: models.feature_names.len(),
-                want: LAYOUT_VERSION,
-                want_dim: DIM,
-            });
-        }
-        if models.kmeans.k() != s.model.k {
-            return Err(ModelError::K {
-                got: models.kmeans.k(),
-                want: s.model.k,
-            });
-        }
-        models.kmeans.after_load();
-        models.scaler.refresh();
+        let models: Models = serde_json::from_slice(&std::fs::read(path)?)?;
+        let models = checked(models, s.model.k)?;
         let mut e = Self::new(s);
         if models.kmeans.is_seeded() {
             e.fits_left = 0;
@@ -238,16 +265,161 @@ impl Engine {
         Ok(())
     }
 
+    /// The models, counters and sweep schedule, encoded for a checkpoint (no user ids).
+    pub fn export_global(&self) -> Vec<u8> {
+        let g = GlobalState {
+            models: self.models.clone(),
+            counters: self.counters,
+            watermark_ms: self.watermark_ms,
+            next_sweep_ms: self.next_sweep_ms,
+            next_fit: self.next_fit,
+            fits_left: self.fits_left,
+        };
+        serde_json::to_vec(&g).unwrap_or_default()
+    }
+
+    /// Continues from [`Engine::export_global`]'s output (before restoring users).
+    pub fn restore_global(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
+        let g: GlobalState = serde_json::from_slice(bytes)?;
+        self.models = checked(g.models, self.models.kmeans.k())?;
+        self.counters = g.counters;
+        self.watermark_ms = g.watermark_ms;
+        self.next_sweep_ms = g.next_sweep_ms;
+        self.next_fit = g.next_fit;
+        self.fits_left = g.fits_left;
+        Ok(())
+    }
+
+    /// Makes this engine the models' trainer, or a follower that only applies them.
+    pub fn set_trainer(&mut self, trainer: bool) {
+        self.trainer = trainer;
+    }
+
+    pub fn is_trainer(&self) -> bool {
+        self.trainer
+    }
+
+    /// The models alone, encoded for other instances to adopt.
+    pub fn export_models(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.models).unwrap_or_default()
+    }
+
+    /// Replaces the models with a trainer's (same ids: its centroid rows). Users keep their
+    /// segments until their next event or sweep decides again with the adopted model.
+    pub fn adopt_models(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
+        let models: Models = serde_json::from_slice(bytes)?;
+        let models = checked(models, self.models.kmeans.k())?;
+        if models.kmeans.is_seeded() {
+            self.fits_left = 0;
+        }
+        self.models = models;
+        Ok(())
+    }
+
+    /// The changelog records of a checkpoint, per shard: for the shards in `full`, every user;
+    /// for the others, the users changed or removed since the previous checkpoint (removals
+    /// first, so a user erased and then seen again ends present). Clears the change marks.
+    pub fn checkpoint(&mut self, full: &[i32]) -> HashMap<i32, Vec<UserRecord>> {
+        let mut out: HashMap<i32, Vec<UserRecord>> = HashMap::new();
+        for (shard, id) in self.removed.drain(..) {
+            if !full.contains(&shard) {
+                out.entry(shard).or_default().push((id, None));
+            }
+        }
+        self.store.take_changed(|id, shard, state| {
+            if !full.contains(&shard) {
+                out.entry(shard)
+                    .or_default()
+                    .push((id.clone(), Some(encode_user(state))));
+            }
+        });
+        for &shard in full {
+            let records = out.entry(shard).or_default();
+            self.store.visit_shard(shard, |id, state| {
+                records.push((id.clone(), Some(encode_user(state))));
+            });
+        }
+        out
+    }
+
+    /// Installs the users a shard's changelog restored (replacing any held).
+    pub fn restore_shard(&mut self, shard: i32, users: Vec<(UserId, UserState)>) {
+        for (id, state) in users {
+            self.count_in(&state);
+            self.models.kmeans.offer_user(id.as_str());
+            if let Some(old) = self.store.insert(id, shard, state) {
+                self.count_out(&old);
+            }
+        }
+    }
+
+    /// Lets go of a shard's users (its partition moved to another instance), silently: they
+    /// are not evicted, their new owner restores them. Returns how many were released.
+    pub fn release_shard(&mut self, shard: i32) -> usize {
+        let gone = self.store.remove_shard(shard);
+        for state in &gone {
+            self.count_out(state);
+        }
+        self.removed.retain(|(s, _)| *s != shard);
+        gone.len()
+    }
+
+    fn count_in(&mut self, state: &UserState) {
+        if let Some(s) = state.segment {
+            self.segment_sizes[s as usize] += 1;
+            self.segment_value[s as usize] += state.predicted_value;
+        }
+    }
+
+    fn count_out(&mut self, state: &UserState) {
+        if let Some(s) = state.segment {
+            self.segment_sizes[s as usize] -= 1;
+            self.segment_value[s as usize] -= state.predicted_value;
+        }
+    }
+}
+
+/// Checks a loaded model against this build's layout and the configured k.
+fn checked(mut models: Models, k: usize) -> Result<Models, ModelError> {
+    if models.layout_version != LAYOUT_VERSION || models.feature_names.len() != DIM {
+        return Err(ModelError::Layout {
+            got: models.layout_version,
+            dim: models.feature_names.len(),
+            want: LAYOUT_VERSION,
+            want_dim: DIM,
+        });
+    }
+    if models.kmeans.k() != k {
+        return Err(ModelError::K {
+            got: models.kmeans.k(),
+            want: k,
+        });
+    }
+    models.kmeans.after_load();
+    models.scaler.refresh();
+    Ok(models)
+}
+
+impl Engine {
     /// Applies one validated event. `now_ms` is only written into `emit_time`.
     pub fn apply(&mut self, event: &Event, now_ms: i64) -> Applied {
+        self.apply_in(event, now_ms, 0)
+    }
+
+    /// [`Engine::apply`] for an event that arrived on `shard` (its input partition): the user's
+    /// checkpoints belong to that shard.
+    pub fn apply_in(&mut self, event: &Event, now_ms: i64, shard: i32) -> Applied {
         let t = event.event_time();
         self.watermark_ms = self.watermark_ms.max(t);
         if self.next_sweep_ms == i64::MIN {
             self.next_sweep_ms = t.saturating_add(self.rules.sweep_ms);
         }
-        self.remember_category(event);
+        if self.trainer {
+            self.remember_category(event);
+        }
+        let trainer = self.trainer;
         let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
-        let step = self.store.update(event.user_id(), |state| {
+        let step = self.store.update_in(event.user_id(), shard, |state| {
             if state.events > 0 && state.is_duplicate(event.event_id()) {
                 return Err(Outcome::Duplicate);
             }
@@ -258,7 +430,7 @@ impl Engine {
             if state.events == 0 {
                 models.kmeans.offer_user(event.user_id());
             }
-            models.mature_label(state, t, rules.horizon_ms);
+            models.mature_label(state, t, rules.horizon_ms, trainer);
             if let Some(w) = state.label.as_mut() {
                 // Strictly after the window opened: what the features at its start include is
                 // not also a label (that would teach "a purchase now predicts spend").
@@ -270,11 +442,13 @@ impl Engine {
             state.events_in_segment = state.events_in_segment.saturating_add(1);
             let after = state.vector(params);
             models.open_label(state, t, &after);
-            models.scaler.observe(&after);
+            if trainer {
+                models.scaler.observe(&after);
+            }
             let z = models.scaler.transform(&after);
             let old = (state.segment, state.predicted_value);
             state.predicted_value = models.predict(&z);
-            let decision = models.decide(state, &z, t, rules, true);
+            let decision = models.decide(state, &z, t, rules, trainer);
             let outcome = if late {
                 Outcome::Late { applied: true }
             } else {
@@ -303,11 +477,14 @@ impl Engine {
                 outcome
             }
         };
-        if self.counters.applied >= self.next_fit && self.fits_left > 0 {
+        if self.trainer && self.counters.applied >= self.next_fit && self.fits_left > 0 {
             self.fit();
         }
         if self.watermark_ms >= self.next_sweep_ms {
             changes.extend(self.sweep(now_ms));
+        }
+        if self.store.len() >= self.rules.max_users + eviction_slack(self.rules.max_users) {
+            changes.extend(self.evict_least_recent(now_ms));
         }
         Applied { outcome, changes }
     }
@@ -414,43 +591,79 @@ impl Engine {
         let at = self.watermark_ms;
         self.next_sweep_ms = at.saturating_add(self.rules.sweep_ms);
         self.counters.sweeps += 1;
+        let trainer = self.trainer;
         let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
         let (sizes, values) = (&mut self.segment_sizes, &mut self.segment_value);
         let mut decided = Vec::new();
+        let mut expired = Vec::new();
         let (mut matured, mut flaps) = (0, 0);
+        let idle_before = at.saturating_sub(rules.ttl_ms);
         for user in self.store.sorted_ids() {
-            let Some((d, predicted, version)) = self.store.update(user.as_str(), |state| {
+            let visit = self.store.update(user.as_str(), |state| {
+                if state.anchor_ms < idle_before {
+                    return Visit::Expired;
+                }
                 let x = state.vector_at(at, params);
-                if models.mature_label(state, at, rules.horizon_ms) {
+                if models.mature_label(state, at, rules.horizon_ms, trainer) {
                     matured += 1;
                 }
                 models.open_label(state, at, &x);
                 // Standardisation, like the centroids, describes the population as of now:
                 // otherwise z-scores (and so descriptions) compare everyone's present with the
                 // moment of their last event, and every segment reads "lapsed".
-                models.scaler.observe(&x);
+                if trainer {
+                    models.scaler.observe(&x);
+                }
                 let z = models.scaler.transform(&x);
                 let old = (state.segment, state.predicted_value);
                 state.predicted_value = models.predict(&z);
                 // The sweep is also a mini-batch over the whole population as of now, so centroids
                 // describe every user's present, not only the recently active users' vectors.
-                let d = models.decide(state, &z, at, rules, true);
+                let d = models.decide(state, &z, at, rules, trainer);
                 if account(sizes, values, old, state.predicted_value, d.as_ref()) {
                     flaps += 1;
                 }
-                d.map(|d| (d, state.predicted_value, state.version))
-            }) else {
-                continue;
-            };
-            decided.push((user, d, predicted, version));
+                d.map_or(Visit::Kept, |d| {
+                    Visit::Decided(d, state.predicted_value, state.version)
+                })
+            });
+            match visit {
+                Visit::Expired => expired.push(user),
+                Visit::Decided(d, predicted, version) => {
+                    decided.push((user, d, predicted, version))
+                }
+                Visit::Kept => {}
+            }
         }
         self.counters.labels_matured += matured;
         self.counters.flaps += flaps;
-        decided
+        let mut changes: Vec<SegmentChange> = decided
             .into_iter()
             .map(|(user, d, predicted, version)| {
                 self.change(user.as_str(), &d, predicted, version, at, now_ms)
             })
+            .collect();
+        for user in expired {
+            changes.extend(self.remove_user(user.as_str(), ChangeReason::Evicted, now_ms));
+        }
+        changes
+    }
+
+    /// Evicts the least recently seen users (by latest event time, then id) down to
+    /// `state.max_users`. Runs when the bound is exceeded by a small slack, so its cost (a pass
+    /// over all users) is spread over many new users.
+    fn evict_least_recent(&mut self, now_ms: i64) -> Vec<SegmentChange> {
+        let mut all = self.store.recency();
+        let excess = all.len().saturating_sub(self.rules.max_users);
+        if excess == 0 {
+            return Vec::new();
+        }
+        all.select_nth_unstable(excess - 1);
+        let mut victims: Vec<UserId> = all.drain(..excess).map(|(_, id)| id).collect();
+        victims.sort_unstable();
+        victims
+            .into_iter()
+            .filter_map(|u| self.remove_user(u.as_str(), ChangeReason::Evicted, now_ms))
             .collect()
     }
 
@@ -570,13 +783,26 @@ impl Engine {
     /// last segment held, or -1 if none was). `None` for an unknown user. Later events of the
     /// user start from nothing.
     pub fn erase(&mut self, user: &str, now_ms: i64) -> Option<SegmentChange> {
-        let state = self.store.remove(user)?;
-        self.models.kmeans.forget_user(user);
-        if let Some(s) = state.segment {
-            self.segment_sizes[s as usize] -= 1;
-            self.segment_value[s as usize] -= state.predicted_value;
-        }
+        let change = self.remove_user(user, ChangeReason::Erased, now_ms)?;
         self.counters.erased += 1;
+        Some(change)
+    }
+
+    /// Removes a user (erased or evicted): out of memory and the model's sample, a removal for
+    /// the next checkpoint, and the change to publish. `None` for an unknown user.
+    fn remove_user(
+        &mut self,
+        user: &str,
+        reason: ChangeReason,
+        now_ms: i64,
+    ) -> Option<SegmentChange> {
+        let (shard, state) = self.store.remove(user)?;
+        self.models.kmeans.forget_user(user);
+        self.count_out(&state);
+        self.removed.push((shard, UserId::new(user)));
+        if reason == ChangeReason::Evicted {
+            self.counters.evicted += 1;
+        }
         Some(SegmentChange {
             user_id: user.to_owned(),
             previous_segment: state.segment.map(|s| s as i32),
@@ -588,7 +814,7 @@ impl Engine {
             confidence: 0.0,
             predicted_value: 0.0,
             version: state.version + 1,
-            reason: ChangeReason::Erased,
+            reason,
             event_time: self.watermark_ms.max(state.anchor_ms),
             emit_time: now_ms,
             model_version: self.models.kmeans.version() as i64,
@@ -778,11 +1004,14 @@ impl Models {
 
     /// Delayed labels: when a user's window has reached the horizon at `t`, the net spend seen
     /// in it is the label for the features at its start. Returns whether a label matured.
-    fn mature_label(&mut self, state: &mut UserState, t: i64, horizon: i64) -> bool {
+    /// Only a trainer learns from it; other instances drop it (they adopt the trainer's model).
+    fn mature_label(&mut self, state: &mut UserState, t: i64, horizon: i64, train: bool) -> bool {
         match state.label.as_ref() {
             Some(w) if t >= w.start_ms.saturating_add(horizon) => {
-                let xz = self.scaler.transform(&w.x);
-                self.sgd.train(&xz, w.spend.max(0.0).ln_1p());
+                if train {
+                    let xz = self.scaler.transform(&w.x);
+                    self.sgd.train(&xz, w.spend.max(0.0).ln_1p());
+                }
                 state.label = None;
                 true
             }
@@ -1008,5 +1237,137 @@ mod tests {
             Engine::with_model(&raw.validate().unwrap(), &path),
             Err(ModelError::K { got: 6, want: 8 })
         ));
+    }
+
+    /// Applies a checkpoint's records the way the changelog restorer does.
+    fn replay_records(
+        into: &mut HashMap<String, UserState>,
+        records: &HashMap<i32, Vec<UserRecord>>,
+    ) {
+        for recs in records.values() {
+            for (id, v) in recs {
+                match v {
+                    Some(b) => {
+                        into.insert(
+                            id.as_str().to_owned(),
+                            crate::changelog::decode_user(b).unwrap(),
+                        );
+                    }
+                    None => {
+                        into.remove(id.as_str());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checkpoints_carry_changes_and_removals_and_restore_the_same_state() {
+        let s = RawConfig::default().validate().unwrap();
+        let mut e = Engine::new(&s);
+        let mut g = Generator::new(5, 300, 0.0);
+        let mut t = T0;
+        let mut log = HashMap::new();
+        for round in 0..4 {
+            for _ in 0..3_000 {
+                t += 1_000;
+                let ev = g.next_event(t);
+                let shard = (ev.user_id().len() % 3) as i32;
+                e.apply_in(&ev, t, shard);
+            }
+            if round == 2 {
+                let some = e.store.sorted_ids()[0].clone();
+                assert!(e.erase(some.as_str(), t).is_some());
+            }
+            let full: &[i32] = if round == 0 { &[0, 1, 2] } else { &[] };
+            let records = e.checkpoint(full);
+            replay_records(&mut log, &records);
+        }
+        assert_eq!(log.len(), e.users());
+        for (id, state) in e.store.snapshot() {
+            assert_eq!(log.get(id.as_str()), Some(&state));
+        }
+        // Nothing changed: the next delta is empty; one event: one record.
+        assert!(e.checkpoint(&[]).values().all(Vec::is_empty));
+        let one = e.store.sorted_ids()[1].clone();
+        e.apply_in(&click("one-more", one.as_str(), t), t, 7);
+        let delta = e.checkpoint(&[]);
+        assert_eq!(delta.len(), 1);
+        assert_eq!(delta[&7].len(), 1);
+        assert_eq!(delta[&7][0].0, one);
+        replay_records(&mut log, &delta);
+
+        // A second engine restored from the log and the global state agrees, segment sizes too.
+        let mut r = Engine::new(&s);
+        r.restore_global(&e.export_global()).unwrap();
+        for shard in 0..3 {
+            let users = e
+                .store
+                .snapshot()
+                .into_iter()
+                .filter(|(id, _)| (id.as_str().len() % 3) as i32 == shard)
+                .collect();
+            r.restore_shard(shard, users);
+        }
+        assert_eq!(r.segment_sizes(), e.segment_sizes());
+        assert_eq!(r.model_version(), e.model_version());
+        assert_eq!(r.applied(), e.applied());
+        let released = r.release_shard(1);
+        assert!(released > 0);
+        assert_eq!(r.users(), e.users() - released);
+        let sized: i64 = r.segment_sizes().iter().map(|(_, n)| n).sum();
+        assert_eq!(sized as usize, r.users());
+    }
+
+    #[test]
+    fn max_users_evicts_the_least_recently_seen_and_says_so() {
+        let mut raw = RawConfig::default();
+        raw.state.max_users = 100;
+        let mut e = Engine::new(&raw.validate().unwrap());
+        let mut evicted = Vec::new();
+        for i in 0..1_000 {
+            let t = T0 + i * 1_000;
+            let a = e.apply(&click(&format!("e{i}"), &format!("u{i:04}"), t), t);
+            evicted.extend(
+                a.changes
+                    .into_iter()
+                    .filter(|c| c.reason == ChangeReason::Evicted),
+            );
+            assert!(e.users() <= 101, "max_users plus the 1 % slack");
+        }
+        assert_eq!(evicted.len(), 1_000 - e.users());
+        assert_eq!(e.counters().evicted, evicted.len() as u64);
+        // The oldest went first; the newest are kept.
+        assert_eq!(evicted[0].user_id, "u0000");
+        assert!(e.user("u0999").is_some());
+        let removed: usize = e
+            .checkpoint(&[])
+            .values()
+            .flatten()
+            .filter(|r| r.1.is_none())
+            .count();
+        assert_eq!(removed, evicted.len());
+    }
+
+    #[test]
+    fn idle_users_are_evicted_after_the_ttl() {
+        let mut raw = RawConfig::default();
+        raw.state.ttl = std::time::Duration::from_secs(86_400);
+        let mut e = Engine::new(&raw.validate().unwrap());
+        e.apply(&click("a", "idle", T0), T0);
+        let mut t = T0;
+        let mut evicted = Vec::new();
+        for i in 0..100 {
+            t += 1_800_000; // half an hour
+            let a = e.apply(&click(&format!("b{i}"), "busy", t), t);
+            evicted.extend(
+                a.changes
+                    .into_iter()
+                    .filter(|c| c.reason == ChangeReason::Evicted),
+            );
+        }
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].user_id, "idle");
+        assert!(e.user("idle").is_none() && e.user("busy").is_some());
     }
 }

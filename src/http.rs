@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Catalogue {
     pub model_version: u64,
+    /// Whether this instance trains the models (else it applies the trainer's).
+    pub trainer: bool,
     pub segments: Vec<SegmentInfo>,
 }
 
@@ -71,6 +73,7 @@ impl PipelineLink {
     pub fn publish(&self, engine: &Engine) {
         let c = Catalogue {
             model_version: engine.model_version(),
+            trainer: engine.is_trainer(),
             segments: engine.segments(),
         };
         *self.catalogue.write().unwrap_or_else(|p| p.into_inner()) = c;

@@ -9,16 +9,32 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::ClientContext;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tracing::{info, warn};
 
 /// Consumer context: counts rebalances, commits stored offsets synchronously before partitions
-/// are taken away, and tracks readiness.
+/// are taken away, tracks readiness, and tells the pipeline which partitions came and went.
 pub struct SegContext {
     pub metrics: Metrics,
+    /// Assignment changes for the pipeline (with checkpoints: restore and release state).
+    pub rebalances: Option<tokio::sync::mpsc::UnboundedSender<RebalanceEvent>>,
+}
+
+/// Partition numbers assigned or revoked (all input topics are co-partitioned).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+fn partitions_of(tpl: &rdkafka::TopicPartitionList) -> Vec<i32> {
+    let mut ps: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    ps.sort_unstable();
+    ps.dedup();
+    ps
 }
 
 impl ClientContext for SegContext {
@@ -55,6 +71,9 @@ impl ConsumerContext for SegContext {
             );
             commit_sync(consumer, &self.metrics);
             self.metrics.set_ready(false);
+            if let Some(tx) = &self.rebalances {
+                let _ = tx.send(RebalanceEvent::Revoked(partitions_of(tpl)));
+            }
         }
     }
 
@@ -63,7 +82,13 @@ impl ConsumerContext for SegContext {
             Rebalance::Assign(tpl) => {
                 self.metrics.rebalance("assign");
                 info!(partitions = tpl.count(), "Partitions assigned.");
-                self.metrics.set_ready(true);
+                match &self.rebalances {
+                    // Ready once the pipeline restored them.
+                    Some(tx) => {
+                        let _ = tx.send(RebalanceEvent::Assigned(partitions_of(tpl)));
+                    }
+                    None => self.metrics.set_ready(true),
+                }
             }
             Rebalance::Error(e) => warn!(error = %e, "Rebalance failed."),
             Rebalance::Revoke(_) => {}
@@ -83,7 +108,7 @@ pub fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>, metrics: &Me
     }
 }
 
-fn apply(cfg: &mut ClientConfig, props: &BTreeMap<String, String>) {
+pub fn apply_properties(cfg: &mut ClientConfig, props: &BTreeMap<String, String>) {
     for (k, v) in props {
         cfg.set(k, v);
     }
@@ -95,13 +120,20 @@ pub fn consumer_config(s: &Settings) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &s.kafka.brokers)
         .set("group.id", &s.kafka.group_id)
-        .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("auto.commit.interval.ms", "1000")
         .set("statistics.interval.ms", "5000");
-    apply(&mut cfg, &s.kafka.properties);
-    apply(&mut cfg, &s.kafka.consumer_properties);
+    if s.state.checkpoints {
+        // Offsets are committed from checkpoints; the range assignor gives one instance the same
+        // partition number of every (co-partitioned) input.
+        cfg.set("enable.auto.commit", "false")
+            .set("partition.assignment.strategy", "range");
+    } else {
+        cfg.set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000");
+    }
+    apply_properties(&mut cfg, &s.kafka.properties);
+    apply_properties(&mut cfg, &s.kafka.consumer_properties);
     cfg
 }
 
@@ -112,8 +144,8 @@ pub fn producer_config(s: &Settings) -> ClientConfig {
     cfg.set("bootstrap.servers", &s.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5");
-    apply(&mut cfg, &s.kafka.properties);
-    apply(&mut cfg, &s.kafka.producer_properties);
+    apply_properties(&mut cfg, &s.kafka.properties);
+    apply_properties(&mut cfg, &s.kafka.producer_properties);
     cfg
 }
 
@@ -128,13 +160,29 @@ pub async fn ensure_topics(
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), KafkaError> {
+    ensure_topics_with(brokers, properties, topics, partitions, &[]).await
+}
+
+/// [`ensure_topics`] with topic configuration (`retention.ms`, ...) for the ones it creates.
+pub async fn ensure_topics_with(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topics: &[&str],
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<(), KafkaError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", brokers);
-    apply(&mut cfg, properties);
+    apply_properties(&mut cfg, properties);
     let admin: AdminClient<DefaultClientContext> = cfg.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            config.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new, &opts).await? {
@@ -147,4 +195,21 @@ pub async fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// Sends a record, waiting while the producer's queue is full (back-pressure, not an error).
+pub async fn send(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
 }

@@ -3,6 +3,8 @@
 pub mod app;
 pub mod avro_fast;
 pub mod bench;
+pub mod changelog;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;

@@ -39,6 +39,20 @@ pub struct Metrics {
     erasures: IntCounter,
     lag: IntGaugeVec,
     event_to_emit: Histogram,
+    evictions: IntCounter,
+    erasure_requests: IntCounterVec,
+    checkpoints: IntCounterVec,
+    checkpoint_failures: IntCounter,
+    checkpoint_duration: Histogram,
+    checkpoint_records: IntCounter,
+    checkpoint_bytes: IntCounter,
+    checkpoint_age: Gauge,
+    last_checkpoint_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    restoring: IntGauge,
+    restores: IntCounter,
+    restore_duration: Histogram,
+    restored_users: IntCounter,
+    skipped: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -61,6 +75,7 @@ pub struct Mirror {
     flaps: u64,
     repairs: u64,
     labels: u64,
+    evicted: u64,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -68,6 +83,14 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     r.register(Box::new(c.clone()))
         .expect("metric registered once");
     c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
@@ -260,8 +283,84 @@ impl Metrics {
                 r.register(Box::new(h.clone())).expect("metric registered once");
                 h
             },
+            evictions: counter(
+                &r,
+                "segstream_evictions_total",
+                "Users evicted from memory (idle past state.ttl, or beyond state.max_users).",
+            ),
+            erasure_requests: counter_vec(
+                &r,
+                "segstream_erasure_requests_total",
+                "Requests on the erasure topic, by result (erased, unknown, invalid).",
+                &["result"],
+            ),
+            checkpoints: counter_vec(
+                &r,
+                "segstream_checkpoints_total",
+                "Partition checkpoints written to the changelog, by kind (full, delta).",
+                &["kind"],
+            ),
+            checkpoint_failures: counter(
+                &r,
+                "segstream_checkpoint_failures_total",
+                "Checkpoints that could not be written (the pipeline stops; a restart restores the previous one).",
+            ),
+            checkpoint_duration: histogram(
+                &r,
+                "segstream_checkpoint_duration_seconds",
+                "Time to write one checkpoint, from waiting for outputs to the markers' acknowledgement.",
+                vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            checkpoint_records: counter(
+                &r,
+                "segstream_checkpoint_records_total",
+                "User records (states and removals) written to the changelog.",
+            ),
+            checkpoint_bytes: counter(
+                &r,
+                "segstream_checkpoint_bytes_total",
+                "Bytes of user state written to the changelog.",
+            ),
+            checkpoint_age: fgauge(
+                &r,
+                "segstream_checkpoint_age_seconds",
+                "Seconds since the last successful checkpoint (0 before the first, or with checkpoints off).",
+            ),
+            last_checkpoint_ms: Default::default(),
+            restoring: gauge(
+                &r,
+                "segstream_restoring",
+                "1 while changelog partitions are being restored (the instance is not ready).",
+            ),
+            restores: counter(
+                &r,
+                "segstream_restores_total",
+                "Changelog partitions restored (at start and on assignment).",
+            ),
+            restore_duration: histogram(
+                &r,
+                "segstream_restore_duration_seconds",
+                "Time to restore one changelog partition.",
+                vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+            ),
+            restored_users: counter(
+                &r,
+                "segstream_restored_users_total",
+                "User states restored from the changelog.",
+            ),
+            skipped: counter(
+                &r,
+                "segstream_events_skipped_total",
+                "Input messages already in the restored state (before its checkpoint's offsets), not applied again.",
+            ),
             registry: r,
         };
+        for k in ["full", "delta"] {
+            m.checkpoints.with_label_values(&[k]);
+        }
+        for k in ["erased", "unknown", "invalid"] {
+            m.erasure_requests.with_label_values(&[k]);
+        }
         // Pre-create every series so dashboards and rate() see zeros, not gaps.
         for s in Source::ALL {
             m.consumed.with_label_values(&[s.as_str()]);
@@ -287,7 +386,7 @@ impl Metrics {
         for k in ["assign", "revoke"] {
             m.rebalances.with_label_values(&[k]);
         }
-        for o in ["changes", "dead_letter"] {
+        for o in ["changes", "dead_letter", "changelog", "model"] {
             m.producer_errors.with_label_values(&[o]);
         }
         m
@@ -362,19 +461,22 @@ impl Metrics {
     pub fn set_quality(
         &self,
         mirror: &mut Mirror,
-        flaps: u64,
+        counters: &crate::engine::Counters,
         repairs: u64,
-        labels: u64,
         rmse: f64,
         mean_distance: f64,
     ) {
+        let (flaps, labels, evicted) = (counters.flaps, counters.labels_matured, counters.evicted);
         self.flaps.inc_by(flaps.saturating_sub(mirror.flaps));
         self.repairs.inc_by(repairs.saturating_sub(mirror.repairs));
         self.labels.inc_by(labels.saturating_sub(mirror.labels));
+        self.evictions
+            .inc_by(evicted.saturating_sub(mirror.evicted));
         *mirror = Mirror {
             flaps,
             repairs,
             labels,
+            evicted,
         };
         self.value_rmse.set(rmse);
         self.mean_distance.set(mean_distance);
@@ -404,6 +506,80 @@ impl Metrics {
                 .with_label_values(&[&id.to_string()])
                 .set(size);
         }
+    }
+
+    /// An erasure request was handled: `erased`, `unknown` (no such user here) or `invalid`.
+    pub fn erasure_request(&self, result: &'static str) {
+        self.erasure_requests.with_label_values(&[result]).inc();
+    }
+    pub fn erasure_requests(&self, result: &'static str) -> u64 {
+        self.erasure_requests.with_label_values(&[result]).get()
+    }
+    pub fn evictions_total(&self) -> u64 {
+        self.evictions.get()
+    }
+    /// A checkpoint of `partitions` partitions (`full` of them full) was acknowledged.
+    pub fn checkpoint_written(
+        &self,
+        seconds: f64,
+        partitions: usize,
+        full: usize,
+        records: usize,
+        bytes: usize,
+        now_ms: i64,
+    ) {
+        self.checkpoint_duration.observe(seconds);
+        self.checkpoints
+            .with_label_values(&["full"])
+            .inc_by(full as u64);
+        self.checkpoints
+            .with_label_values(&["delta"])
+            .inc_by(partitions.saturating_sub(full) as u64);
+        self.checkpoint_records.inc_by(records as u64);
+        self.checkpoint_bytes.inc_by(bytes as u64);
+        self.last_checkpoint_ms
+            .store(now_ms, std::sync::atomic::Ordering::Relaxed);
+        self.checkpoint_age.set(0.0);
+    }
+    pub fn checkpoint_failed(&self) {
+        self.checkpoint_failures.inc();
+    }
+    pub fn checkpoints_total(&self) -> u64 {
+        self.checkpoints.with_label_values(&["full"]).get()
+            + self.checkpoints.with_label_values(&["delta"]).get()
+    }
+    /// Refreshes the checkpoint-age gauge.
+    pub fn set_checkpoint_age(&self, now_ms: i64) {
+        let last = self
+            .last_checkpoint_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if last > 0 {
+            self.checkpoint_age
+                .set((now_ms - last).max(0) as f64 / 1_000.0);
+        }
+    }
+    pub fn set_restoring(&self, restoring: bool) {
+        self.restoring.set(i64::from(restoring));
+    }
+    pub fn restored(&self, seconds: f64, users: usize) {
+        self.restores.inc();
+        self.restore_duration.observe(seconds);
+        self.restored_users.inc_by(users as u64);
+    }
+    pub fn restores_total(&self) -> u64 {
+        self.restores.get()
+    }
+    pub fn restored_users_total(&self) -> u64 {
+        self.restored_users.get()
+    }
+    pub fn skipped(&self) {
+        self.skipped.inc();
+    }
+    pub fn skipped_total(&self) -> u64 {
+        self.skipped.get()
+    }
+    pub fn dead_lettered_erasure(&self) {
+        self.dead_letters.with_label_values(&["erasure"]).inc();
     }
 
     pub fn consumed_total(&self) -> u64 {

@@ -7,22 +7,26 @@
 //! The committer awaits deliveries in consumption order and then stores the offset; librdkafka
 //! auto-commits stored offsets, and we commit synchronously on revoke and on shutdown.
 
+use crate::checkpoint::{
+    self, model_follower, partition_count, restore_partition, CheckpointError, Owned,
+};
 use crate::config::Settings;
 use crate::decode::{DecodeError, Decoder};
 use crate::encode::encode_change;
 use crate::engine::{Engine, Outcome};
 use crate::event::{ChangeReason, SegmentChange, Source};
 use crate::http::{ApiCommand, PipelineLink};
-use crate::kafka::{commit_sync, consumer_config, producer, SegContext};
+use crate::kafka::{commit_sync, consumer_config, producer, send, RebalanceEvent, SegContext};
 use crate::metrics::{Metrics, Mirror};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use std::collections::HashMap;
+use rdkafka::TopicPartitionList;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
@@ -42,6 +46,16 @@ pub enum PipelineError {
         output: &'static str,
         error: KafkaError,
     },
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    #[error("restored models: {0}")]
+    Model(String),
+    #[error(
+        "inputs and changelog must have the same number of partitions (co-partitioned); found {0}"
+    )]
+    NotCopartitioned(String),
+    #[error("stopped: an output could not be delivered")]
+    Stopped,
 }
 
 /// Milliseconds since the Unix epoch by the wall clock. The pipeline is the edge that reads it.
@@ -56,7 +70,8 @@ pub fn wall_ms() -> i64 {
 enum Output {
     /// A segment change and the event time of the event that caused it.
     Change(ChangeReason, i64),
-    DeadLetter(Source),
+    /// A dead letter from an input topic (`None`: the erasure topic).
+    DeadLetter(Option<Source>),
 }
 
 /// A processed message waiting for its outputs before its offset may be stored; `at` is `None`
@@ -66,26 +81,9 @@ struct Pending {
     deliveries: Vec<(DeliveryFuture, Output)>,
 }
 
-/// Sends a record, waiting while the producer's queue is full (back-pressure, not an error).
-async fn send(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, [u8], [u8]>,
-) -> Result<DeliveryFuture, KafkaError> {
-    loop {
-        match producer.send_result(record) {
-            Ok(f) => return Ok(f),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
-}
-
 /// Runs the pipeline until `cancel` fires or a delivery fails for good; returns the engine with
-/// the state it reached. On the way out it drains in-flight deliveries, flushes the producer and
-/// commits offsets synchronously.
+/// the state it reached. On the way out it drains in-flight deliveries, flushes the producer,
+/// writes a last checkpoint and commits offsets synchronously.
 #[instrument(name = "pipeline", skip_all, fields(group = %settings.kafka.group_id))]
 pub async fn run(
     settings: &Settings,
@@ -94,6 +92,43 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<Engine, PipelineError> {
     run_with_api(settings, engine, metrics, cancel, PipelineLink::detached()).await
+}
+
+/// What an input message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Input {
+    Event(Source),
+    Erasure,
+}
+
+impl Input {
+    /// The name a checkpoint's marker records this input's offsets under.
+    fn role(self) -> &'static str {
+        match self {
+            Input::Event(s) => s.as_str(),
+            Input::Erasure => ERASURE_ROLE,
+        }
+    }
+}
+
+const ERASURE_ROLE: &str = "erasure";
+
+/// The durable-state bookkeeping of one pipeline: the partitions it owns (restored), and how far
+/// it consumed each of their inputs since.
+struct Durable {
+    owned: BTreeMap<i32, Owned>,
+    consumed: HashMap<(&'static str, i32), i64>,
+    /// The models and counters are restored once, from the first partition restored.
+    global_restored: bool,
+    /// The latest models on the model topic (the trainer's).
+    latest_model: Option<Vec<u8>>,
+}
+
+impl Durable {
+    /// The owner of partition 0 trains the models; the others adopt them from the model topic.
+    fn is_trainer(&self) -> bool {
+        self.owned.contains_key(&0)
+    }
 }
 
 /// [`run`], serving an HTTP API through `link`: the catalogue is republished with the gauges,
@@ -105,37 +140,109 @@ pub async fn run_with_api(
     cancel: CancellationToken,
     mut link: PipelineLink,
 ) -> Result<Engine, PipelineError> {
+    let durable_state = settings.state.checkpoints;
+    let (rebalance_tx, mut rebalances) = mpsc::unbounded_channel();
     let consumer: Arc<StreamConsumer<SegContext>> =
         Arc::new(consumer_config(settings).create_with_context(SegContext {
             metrics: metrics.clone(),
+            rebalances: durable_state.then_some(rebalance_tx),
         })?);
-    let topics: Vec<&str> = Source::ALL.iter().map(|s| settings.topic(*s)).collect();
+    let mut topics: Vec<&str> = Source::ALL.iter().map(|s| settings.topic(*s)).collect();
+    if durable_state {
+        topics.push(&settings.kafka.topics.erasure);
+        checkpoint::ensure_state_topics(settings).await?;
+        let s = settings.clone();
+        tokio::task::spawn_blocking(move || check_copartitioned(&s))
+            .await
+            .map_err(|e| PipelineError::Checkpoint(CheckpointError::Task(e.to_string())))??;
+    }
     consumer.subscribe(&topics)?;
     let producer = producer(settings)?;
     let decoder = Decoder::new(settings.decode.clone());
-    info!(topics = ?topics, brokers = %settings.kafka.brokers, "Consuming.");
+    info!(topics = ?topics, brokers = %settings.kafka.brokers, checkpoints = durable_state, "Consuming.");
 
     let (tx, rx) = mpsc::channel::<Pending>(settings.pipeline.max_in_flight);
-    let failed = cancel.child_token();
+    let (acked_tx, acked) = watch::channel(0u64);
+    let mut sent: u64 = 0;
+    // Cancelled by the committer when an output cannot be delivered.
+    let failed = CancellationToken::new();
     let committer = tokio::spawn(commit_in_order(
         rx,
         consumer.clone(),
         settings.clone(),
         metrics.clone(),
         failed.clone(),
+        !durable_state,
+        acked_tx,
     ));
 
+    let mut durable = Durable {
+        owned: BTreeMap::new(),
+        consumed: HashMap::new(),
+        global_restored: false,
+        latest_model: None,
+    };
+    let models_in = if durable_state {
+        let follower = model_follower(settings)?;
+        durable.latest_model = latest_models(&follower).await;
+        if let Some(m) = &durable.latest_model {
+            match engine.adopt_models(m) {
+                Ok(()) => info!(
+                    model_version = engine.model_version(),
+                    "Adopted the latest published models."
+                ),
+                Err(e) => warn!(error = %e, "Published models not adopted."),
+            }
+        }
+        // Until this instance owns partition 0, it applies the trainer's models.
+        engine.set_trainer(false);
+        Some(follower)
+    } else {
+        None
+    };
     let mut gauges = tokio::time::interval(Duration::from_millis(500));
+    let mut checkpoints = tokio::time::interval(settings.state.checkpoint_interval);
+    checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut limiter = LogLimiter::default();
     let mut mirror = Mirror::default();
     let mut result = Ok(());
-    loop {
+    'consume: loop {
         let msg = tokio::select! {
             biased;
+            _ = cancel.cancelled() => break,
             _ = failed.cancelled() => break,
+            Some(event) = rebalances.recv() => {
+                if let Err(e) = on_rebalance(event, settings, &mut engine, &mut durable, &metrics).await {
+                    result = Err(e);
+                    break;
+                }
+                continue;
+            }
             _ = gauges.tick() => {
                 refresh_gauges(&metrics, &mut mirror, &engine);
                 link.publish(&engine);
+                continue;
+            }
+            Some(m) = async { match &models_in { Some(c) => Some(c.recv().await), None => None } } => {
+                if let Ok(m) = m {
+                    if let Some(bytes) = m.payload() {
+                        if !engine.is_trainer() {
+                            if let Err(e) = engine.adopt_models(bytes) {
+                                warn!(error = %e, "Published models not adopted.");
+                            }
+                        }
+                        durable.latest_model = Some(bytes.to_vec());
+                    }
+                }
+                continue;
+            }
+            _ = checkpoints.tick(), if durable_state => {
+                let done = checkpoint(settings, &producer, &consumer, &mut engine, &mut durable,
+                    &metrics, &acked, sent, &failed).await;
+                if let Err(e) = done {
+                    result = Err(e);
+                    break;
+                }
                 continue;
             }
             Some(cmd) = link.commands.recv() => {
@@ -153,10 +260,20 @@ pub async fn run_with_api(
                         }
                     }
                 }
-                let _ = reply.send(known);
                 if tx.send(Pending { at: None, deliveries }).await.is_err() {
                     break;
                 }
+                sent += 1;
+                // The erasure is durable once a checkpoint carries the removal: answer then.
+                if known && durable_state {
+                    let done = checkpoint(settings, &producer, &consumer, &mut engine,
+                        &mut durable, &metrics, &acked, sent, &failed).await;
+                    if let Err(e) = done {
+                        result = Err(e);
+                        break;
+                    }
+                }
+                let _ = reply.send(known);
                 continue;
             }
             msg = consumer.recv() => msg,
@@ -174,18 +291,81 @@ pub async fn run_with_api(
                 continue;
             }
         };
-        let Some(source) = settings.source_of(msg.topic()) else {
-            continue;
+        let input = match settings.source_of(msg.topic()) {
+            Some(source) => Input::Event(source),
+            None if durable_state && msg.topic() == settings.kafka.topics.erasure => Input::Erasure,
+            None => continue,
         };
+        let partition = msg.partition();
+        if durable_state {
+            // Assignment changes are announced before the new partitions' messages arrive.
+            while let Ok(event) = rebalances.try_recv() {
+                if let Err(e) =
+                    on_rebalance(event, settings, &mut engine, &mut durable, &metrics).await
+                {
+                    result = Err(e);
+                    break 'consume;
+                }
+            }
+            if !durable.owned.contains_key(&partition) {
+                if let Err(e) =
+                    restore(settings, &mut engine, &mut durable, &metrics, partition).await
+                {
+                    result = Err(e);
+                    break;
+                }
+            }
+            let owned = &durable.owned[&partition];
+            if owned
+                .restored_offsets
+                .get(input.role())
+                .is_some_and(|&next| msg.offset() < next)
+            {
+                // Already in the restored state (the group's commit lagged the checkpoint).
+                metrics.skipped();
+                continue;
+            }
+            durable
+                .consumed
+                .insert((input.role(), partition), msg.offset() + 1);
+        }
+        let payload = msg.payload().unwrap_or_default();
+        let source =
+            match input {
+                Input::Event(source) => source,
+                Input::Erasure => {
+                    let deliveries =
+                        match erase_on_request(&msg, settings, &producer, &mut engine, &metrics)
+                            .await
+                        {
+                            Ok(d) => d,
+                            Err(e) => {
+                                result = Err(PipelineError::Kafka(e));
+                                break;
+                            }
+                        };
+                    if tx
+                        .send(Pending {
+                            at: None,
+                            deliveries,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    sent += 1;
+                    continue;
+                }
+            };
         let started = Instant::now();
         metrics.consumed(source);
         let now = wall_ms();
-        let payload = msg.payload().unwrap_or_default();
         let mut deliveries = Vec::new();
         let mut unusable = None;
         match decoder.decode(source, payload, Some(now)) {
             Ok(event) => {
-                let applied = engine.apply(&event, now);
+                let applied = engine.apply_in(&event, now, partition);
                 match applied.outcome {
                     Outcome::Applied => metrics.applied(source),
                     Outcome::Duplicate => metrics.duplicate(source),
@@ -221,15 +401,8 @@ pub async fn run_with_api(
                     "Dead-lettered an unusable message."
                 );
             }
-            let headers = dead_letter_headers(&msg, &error);
-            let mut record = FutureRecord::to(&settings.kafka.topics.dead_letter)
-                .payload(payload)
-                .headers(headers);
-            if let Some(key) = msg.key() {
-                record = record.key(key);
-            }
-            match send(&producer, record).await {
-                Ok(f) => deliveries.push((f, Output::DeadLetter(source))),
+            match dead_letter(&producer, settings, &msg, &error).await {
+                Ok(f) => deliveries.push((f, Output::DeadLetter(Some(source)))),
                 Err(e) => result = Err(PipelineError::Kafka(e)),
             }
         }
@@ -244,10 +417,11 @@ pub async fn run_with_api(
         if tx.send(pending).await.is_err() {
             break;
         }
+        sent += 1;
     }
 
-    // Ordered shutdown: stop consuming (above), drain deliveries and store their offsets, flush
-    // the producer, then commit synchronously.
+    // Ordered shutdown: stop consuming (above), drain deliveries (and store their offsets),
+    // write a last checkpoint, flush the producer, then commit synchronously.
     metrics.set_ready(false);
     drop(tx);
     match committer.await {
@@ -255,10 +429,30 @@ pub async fn run_with_api(
         Ok(Err(e)) => result = result.and(Err(e)),
         Err(join) => warn!(error = %join, "Committer task failed."),
     }
+    if durable_state && result.is_ok() {
+        // Every output is delivered by now; the checkpoint makes a restart start right here.
+        let last = checkpoint(
+            settings,
+            &producer,
+            &consumer,
+            &mut engine,
+            &mut durable,
+            &metrics,
+            &acked,
+            sent,
+            &failed,
+        )
+        .await;
+        if let Err(e) = last {
+            result = Err(e);
+        }
+    }
     if let Err(e) = producer.flush(Duration::from_secs(30)) {
         warn!(error = %e, "Producer flush did not complete.");
     }
-    commit_sync(consumer.as_ref(), &metrics);
+    if !durable_state {
+        commit_sync(consumer.as_ref(), &metrics);
+    }
     consumer.unsubscribe();
     refresh_gauges(&metrics, &mut mirror, &engine);
     info!(
@@ -267,6 +461,269 @@ pub async fn run_with_api(
         "Pipeline stopped."
     );
     result.map(|()| engine)
+}
+
+/// Reads the model topic to its end; the last models on it, if any.
+async fn latest_models(follower: &StreamConsumer) -> Option<Vec<u8>> {
+    let mut latest = None;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), follower.recv()).await {
+            Ok(Ok(m)) => latest = m.payload().map(<[u8]>::to_vec),
+            Ok(Err(KafkaError::PartitionEOF(_))) => return latest,
+            Ok(Err(e)) => debug!(error = %e, "Model topic read error; retrying."),
+            Err(_) => {
+                warn!("The model topic's end was not reached within 30 s; starting with what was read.");
+                return latest;
+            }
+        }
+    }
+}
+
+/// The inputs and the changelog must have one partition count: a user's events, erasures and
+/// checkpoints then share a partition number, and one instance owns them together.
+fn check_copartitioned(settings: &Settings) -> Result<(), PipelineError> {
+    let t = &settings.kafka.topics;
+    let names = [
+        t.clickstream.as_str(),
+        &t.purchases,
+        &t.social,
+        &t.erasure,
+        &t.changelog,
+    ];
+    let mut counts = Vec::new();
+    for name in names {
+        counts.push((name, partition_count(settings, name)?));
+    }
+    if counts.iter().any(|(_, n)| *n != counts[0].1) {
+        let found = counts
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(PipelineError::NotCopartitioned(found));
+    }
+    Ok(())
+}
+
+/// Applies an assignment change: restores newly assigned partitions before their messages are
+/// read; lets go of revoked partitions' users (their next owner restores them from the
+/// changelog and re-reads the input since its last marker).
+async fn on_rebalance(
+    event: RebalanceEvent,
+    settings: &Settings,
+    engine: &mut Engine,
+    durable: &mut Durable,
+    metrics: &Metrics,
+) -> Result<(), PipelineError> {
+    match event {
+        RebalanceEvent::Revoked(partitions) => {
+            for p in partitions {
+                if durable.owned.remove(&p).is_some() {
+                    if engine.is_trainer() && !durable.is_trainer() {
+                        // The next trainer starts from the last published models: so do we,
+                        // or our unpublished steps would make one model version mean two models.
+                        if let Some(m) = &durable.latest_model {
+                            engine
+                                .adopt_models(m)
+                                .map_err(|e| PipelineError::Model(e.to_string()))?;
+                        }
+                    }
+                    engine.set_trainer(durable.is_trainer());
+                    let released = engine.release_shard(p);
+                    durable.consumed.retain(|(_, q), _| *q != p);
+                    info!(
+                        partition = p,
+                        users = released,
+                        "Released a revoked partition."
+                    );
+                }
+            }
+        }
+        RebalanceEvent::Assigned(partitions) => {
+            for p in partitions {
+                if !durable.owned.contains_key(&p) {
+                    restore(settings, engine, durable, metrics, p).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Restores one partition from the changelog (not ready meanwhile).
+async fn restore(
+    settings: &Settings,
+    engine: &mut Engine,
+    durable: &mut Durable,
+    metrics: &Metrics,
+    partition: i32,
+) -> Result<(), PipelineError> {
+    let started = Instant::now();
+    metrics.set_restoring(true);
+    metrics.set_ready(false);
+    let s = settings.clone();
+    let restored = tokio::task::spawn_blocking(move || restore_partition(&s, partition))
+        .await
+        .map_err(|e| CheckpointError::Task(e.to_string()));
+    metrics.set_restoring(false);
+    let (restored, global) = restored??;
+    if !durable.global_restored {
+        if let Some(g) = global {
+            engine
+                .restore_global(&g)
+                .map_err(|e| PipelineError::Model(e.to_string()))?;
+            // The published models are at least as new as the checkpoint's.
+            if let Some(m) = &durable.latest_model {
+                engine
+                    .adopt_models(m)
+                    .map_err(|e| PipelineError::Model(e.to_string()))?;
+            }
+        }
+        durable.global_restored = true;
+    }
+    let owned = Owned::from_restored(&restored);
+    let users = restored.users.len();
+    engine.restore_shard(partition, restored.users);
+    durable.owned.insert(partition, owned);
+    engine.set_trainer(durable.is_trainer());
+    metrics.restored(started.elapsed().as_secs_f64(), users);
+    metrics.set_ready(true);
+    Ok(())
+}
+
+/// Writes a checkpoint of the owned partitions once every output sent so far is delivered,
+/// then commits the same input offsets to the group.
+#[allow(clippy::too_many_arguments)]
+async fn checkpoint(
+    settings: &Settings,
+    producer: &FutureProducer,
+    consumer: &StreamConsumer<SegContext>,
+    engine: &mut Engine,
+    durable: &mut Durable,
+    metrics: &Metrics,
+    acked: &watch::Receiver<u64>,
+    sent: u64,
+    failed: &CancellationToken,
+) -> Result<(), PipelineError> {
+    if durable.owned.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut acked = acked.clone();
+    tokio::select! {
+        _ = acked.wait_for(|n| *n >= sent) => {}
+        _ = failed.cancelled() => return Err(PipelineError::Stopped),
+    }
+    if failed.is_cancelled() {
+        return Err(PipelineError::Stopped);
+    }
+    let now = wall_ms();
+    let written = checkpoint::write(
+        settings,
+        producer,
+        engine,
+        &mut durable.owned,
+        &durable.consumed,
+        now,
+    )
+    .await
+    .inspect_err(|e| {
+        metrics.checkpoint_failed();
+        metrics.producer_error("changelog");
+        warn!(error = %e, error_code = e.code(), "Checkpoint failed; stopping.");
+    })?;
+    metrics.checkpoint_written(
+        started.elapsed().as_secs_f64(),
+        written.partitions,
+        written.full,
+        written.records,
+        written.bytes,
+        now,
+    );
+    debug!(?written, "Checkpoint written.");
+    if engine.is_trainer() {
+        let published = checkpoint::publish_models(settings, producer, engine).await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if !matches!(published.await, Ok(Ok(_))) {
+                metrics.producer_error("model");
+            }
+        });
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((role, p), next) in &durable.consumed {
+        let topic = if *role == ERASURE_ROLE {
+            settings.kafka.topics.erasure.as_str()
+        } else {
+            Source::ALL
+                .into_iter()
+                .find(|s| s.as_str() == *role)
+                .map_or("", |s| settings.topic(s))
+        };
+        if tpl
+            .add_partition_offset(topic, *p, rdkafka::Offset::Offset(*next))
+            .is_err()
+        {
+            continue;
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            metrics.commit_failed();
+            debug!(error = %e, "Offset commit after a checkpoint failed; the markers stay the truth.");
+        }
+    }
+    Ok(())
+}
+
+/// Handles a request on the erasure topic (key = user id): the user's state leaves memory, the
+/// next checkpoint writes its removal, and an `erased` change is published. A request without
+/// a user id is dead-lettered.
+async fn erase_on_request(
+    msg: &BorrowedMessage<'_>,
+    settings: &Settings,
+    producer: &FutureProducer,
+    engine: &mut Engine,
+    metrics: &Metrics,
+) -> Result<Vec<(DeliveryFuture, Output)>, KafkaError> {
+    let user = msg
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .filter(|u| !u.is_empty());
+    let Some(user) = user else {
+        metrics.erasure_request("invalid");
+        let f = dead_letter(producer, settings, msg, &DecodeError::EmptyUserId).await?;
+        return Ok(vec![(f, Output::DeadLetter(None))]);
+    };
+    match engine.erase(user, wall_ms()) {
+        Some(change) => {
+            metrics.erasure_request("erased");
+            metrics.erased();
+            debug!(user, "Erased a user on request.");
+            Ok(vec![publish_change(producer, settings, &change).await?])
+        }
+        None => {
+            metrics.erasure_request("unknown");
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Sends the message to the dead-letter topic with its original key and headers plus why.
+async fn dead_letter(
+    producer: &FutureProducer,
+    settings: &Settings,
+    msg: &BorrowedMessage<'_>,
+    error: &DecodeError,
+) -> Result<DeliveryFuture, KafkaError> {
+    let headers = dead_letter_headers(msg, error);
+    let mut record = FutureRecord::to(&settings.kafka.topics.dead_letter)
+        .payload(msg.payload().unwrap_or_default())
+        .headers(headers);
+    if let Some(key) = msg.key() {
+        record = record.key(key);
+    }
+    send(producer, record).await
 }
 
 /// Sends a segment change to the output topic, keyed by user id.
@@ -321,6 +778,8 @@ async fn commit_in_order(
     settings: Settings,
     metrics: Metrics,
     failed: CancellationToken,
+    store_offsets: bool,
+    acked: watch::Sender<u64>,
 ) -> Result<(), PipelineError> {
     // Storing an offset takes librdkafka's locks; storing the latest delivered offset per
     // partition whenever the channel runs dry (and at least every STORE_EVERY messages) stores
@@ -328,6 +787,11 @@ async fn commit_in_order(
     const STORE_EVERY: usize = 1024;
     let mut latest: HashMap<(Source, i32), i64> = HashMap::new();
     let store = |latest: &mut HashMap<(Source, i32), i64>| {
+        if !store_offsets {
+            // With checkpoints, offsets are committed from the checkpoints' markers.
+            latest.clear();
+            return;
+        }
         for ((source, partition), offset) in latest.drain() {
             let topic = settings.topic(source);
             if let Err(e) = consumer.store_offset(topic, partition, offset) {
@@ -364,7 +828,8 @@ async fn commit_in_order(
                                 metrics.event_to_emit(event_time, wall_ms());
                             }
                         }
-                        Output::DeadLetter(source) => metrics.dead_lettered(source),
+                        Output::DeadLetter(Some(source)) => metrics.dead_lettered(source),
+                        Output::DeadLetter(None) => metrics.dead_lettered_erasure(),
                     }
                     continue;
                 }
@@ -381,6 +846,7 @@ async fn commit_in_order(
                 error,
             });
         }
+        acked.send_modify(|n| *n += 1);
         if let Some((source, partition, offset)) = p.at {
             latest.insert((source, partition), offset);
             since_store += 1;
@@ -395,6 +861,7 @@ async fn commit_in_order(
 }
 
 fn refresh_gauges(metrics: &Metrics, mirror: &mut Mirror, engine: &Engine) {
+    metrics.set_checkpoint_age(wall_ms());
     let (mae, rmse, _) = engine.value_errors();
     let c = engine.counters();
     metrics.set_model_state(
@@ -405,9 +872,8 @@ fn refresh_gauges(metrics: &Metrics, mirror: &mut Mirror, engine: &Engine) {
     );
     metrics.set_quality(
         mirror,
-        c.flaps,
+        &c,
         engine.kmeans_repairs(),
-        c.labels_matured,
         rmse,
         engine.mean_distance(),
     );

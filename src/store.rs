@@ -1,5 +1,8 @@
 //! The per-user state map. Guards never leave this module: callers pass a closure that runs
 //! while the user's entry is locked, and get back what it returns.
+//!
+//! Each entry also remembers its shard (the input partition its events arrive on, so the
+//! changelog partition its checkpoints go to) and whether it changed since the last checkpoint.
 
 use crate::event::UserId;
 use crate::features::UserState;
@@ -12,32 +15,68 @@ impl Borrow<str> for UserId {
     }
 }
 
+#[derive(Default)]
+struct Entry {
+    state: UserState,
+    shard: i32,
+    dirty: bool,
+}
+
 /// Concurrent map from user to state. Hashing with aHash: several times faster than SipHash on
 /// short ids, and still keyed randomly per process, so crafted user ids cannot collide on purpose.
 #[derive(Default)]
 pub struct Store {
-    map: DashMap<UserId, UserState, ahash::RandomState>,
+    map: DashMap<UserId, Entry, ahash::RandomState>,
 }
 
 impl Store {
-    /// Runs `f` on the user's state, creating an empty state for a new user. The entry is locked
-    /// while `f` runs, so `f` must not touch the store.
+    /// Runs `f` on the user's state, creating an empty state for a new user, and marks it
+    /// changed. The entry is locked while `f` runs, so `f` must not touch the store.
     pub fn update<R>(&self, user: &str, f: impl FnOnce(&mut UserState) -> R) -> R {
         if let Some(mut entry) = self.map.get_mut(user) {
-            return f(&mut entry);
+            entry.dirty = true;
+            return f(&mut entry.state);
         }
         let mut entry = self.map.entry(UserId::new(user)).or_default();
-        f(&mut entry)
+        entry.dirty = true;
+        f(&mut entry.state)
+    }
+
+    /// [`Store::update`] for an event that arrived on `shard`: the user's checkpoints go there.
+    pub fn update_in<R>(&self, user: &str, shard: i32, f: impl FnOnce(&mut UserState) -> R) -> R {
+        if let Some(mut entry) = self.map.get_mut(user) {
+            entry.dirty = true;
+            entry.shard = shard;
+            return f(&mut entry.state);
+        }
+        let mut entry = self.map.entry(UserId::new(user)).or_default();
+        entry.dirty = true;
+        entry.shard = shard;
+        f(&mut entry.state)
     }
 
     /// A copy of one user's state.
     pub fn get(&self, user: &str) -> Option<UserState> {
-        self.map.get(user).map(|e| e.clone())
+        self.map.get(user).map(|e| e.state.clone())
     }
 
-    /// Removes a user; returns the state it had.
-    pub fn remove(&self, user: &str) -> Option<UserState> {
-        self.map.remove(user).map(|(_, s)| s)
+    /// Removes a user; returns its shard and the state it had.
+    pub fn remove(&self, user: &str) -> Option<(i32, UserState)> {
+        self.map.remove(user).map(|(_, e)| (e.shard, e.state))
+    }
+
+    /// Inserts a restored state, not marked changed (it is what the changelog holds).
+    pub fn insert(&self, user: UserId, shard: i32, state: UserState) -> Option<UserState> {
+        self.map
+            .insert(
+                user,
+                Entry {
+                    state,
+                    shard,
+                    dirty: false,
+                },
+            )
+            .map(|e| e.state)
     }
 
     pub fn len(&self) -> usize {
@@ -53,19 +92,59 @@ impl Store {
         let mut all: Vec<_> = self
             .map
             .iter()
-            .map(|e| (e.key().clone(), e.value().clone()))
+            .map(|e| (e.key().clone(), e.value().state.clone()))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
-}
 
-impl Store {
     /// Every user id, sorted: the order a sweep visits users in, so that results do not depend
     /// on the hash map's (per-process random) iteration order.
     pub fn sorted_ids(&self) -> Vec<UserId> {
         let mut ids: Vec<UserId> = self.map.iter().map(|e| e.key().clone()).collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// Visits every user changed since the last call (with its shard) and clears the marks.
+    pub fn take_changed(&self, mut f: impl FnMut(&UserId, i32, &UserState)) {
+        for mut e in self.map.iter_mut() {
+            if e.dirty {
+                e.dirty = false;
+                let (id, entry) = e.pair();
+                f(id, entry.shard, &entry.state);
+            }
+        }
+    }
+
+    /// Visits every user of `shard`.
+    pub fn visit_shard(&self, shard: i32, mut f: impl FnMut(&UserId, &UserState)) {
+        for e in self.map.iter() {
+            if e.shard == shard {
+                f(e.key(), &e.state);
+            }
+        }
+    }
+
+    /// Removes every user of `shard`; returns their states.
+    pub fn remove_shard(&self, shard: i32) -> Vec<UserState> {
+        let mut out = Vec::new();
+        self.map.retain(|_, e| {
+            if e.shard == shard {
+                out.push(std::mem::take(&mut e.state));
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// (latest event time, user) of every user, for evicting the least recently seen.
+    pub fn recency(&self) -> Vec<(i64, UserId)> {
+        self.map
+            .iter()
+            .map(|e| (e.state.anchor_ms, e.key().clone()))
+            .collect()
     }
 }

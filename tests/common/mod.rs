@@ -6,10 +6,16 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use segstream::app::{create_all_topics, settings_for};
+use segstream::checkpoint::restore_partition;
 use segstream::config::Settings;
+use segstream::engine::Engine;
 use segstream::event::Source;
+use segstream::features::{FeatureParams, UserState};
 use segstream::generate::Record;
+use segstream::pipeline::wall_ms;
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The broker `.ci/run` started. Tests of Kafka behaviour need a real broker: run them through
@@ -197,4 +203,221 @@ pub fn events_per_user<'a>(sent: impl IntoIterator<Item = &'a Sent>) -> HashMap<
         }
     }
     m
+}
+
+/// A config file for a `segstream run` subprocess on the test's topics and group.
+pub fn write_config(settings: &Settings, dir: &std::path::Path) -> std::path::PathBuf {
+    write_config_with(settings, dir, "")
+}
+
+/// [`write_config`] with more TOML appended (sections after `[state]`).
+pub fn write_config_with(
+    settings: &Settings,
+    dir: &std::path::Path,
+    extra: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("segstream.toml");
+    let t = &settings.kafka.topics;
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{}"
+group_id = "{}"
+[kafka.topics]
+clickstream = "{}"
+purchases = "{}"
+social = "{}"
+segment_changes = "{}"
+dead_letter = "{}"
+changelog = "{}"
+erasure = "{}"
+model = "{}"
+[kafka.consumer_properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "1000"
+[model]
+init_users = 40
+init_events = 400
+[state]
+checkpoint_interval = "300ms"
+full_checkpoint_every = 7
+{}
+"#,
+            settings.kafka.brokers,
+            settings.kafka.group_id,
+            t.clickstream,
+            t.purchases,
+            t.social,
+            t.segment_changes,
+            t.dead_letter,
+            t.changelog,
+            t.erasure,
+            t.model,
+            extra,
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `segstream run --config FILE` as a separate process, serving HTTP on a free port.
+pub fn spawn_service(config: &std::path::Path) -> (Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_segstream"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--http-bind", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+/// SIGTERM, then the exit status (SIGKILL and a panic after 30 s).
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().ok();
+    panic!("no exit within 30 s of SIGTERM")
+}
+
+/// The body of `GET path` on the service's HTTP port, if it answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// The sum of a metric family's samples from the service's /metrics, if it answers.
+pub fn scrape(port: u16, family: &str) -> Option<f64> {
+    let body = http_get(port, "/metrics")?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+pub async fn wait_for_metric(port: u16, family: &str, at_least: f64) -> bool {
+    wait_until(Duration::from_secs(120), || {
+        scrape(port, family).is_some_and(|v| v >= at_least)
+    })
+    .await
+}
+
+/// [`wait_for`] for conditions that do blocking I/O: polled every 200 ms.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Next offset after the last record sent, per (source, partition).
+pub fn end_offsets(sent: &[Sent]) -> HashMap<(Source, i32), i64> {
+    let mut ends = HashMap::new();
+    for s in sent {
+        let e = ends.entry((s.record.source, s.partition)).or_insert(0);
+        *e = (*e).max(s.offset + 1);
+    }
+    ends
+}
+
+/// Every user's state as the changelog holds it.
+pub fn restore_all(settings: &Settings, partitions: i32) -> HashMap<String, UserState> {
+    let mut out = HashMap::new();
+    for p in 0..partitions {
+        let (restored, _) = restore_partition(settings, p).unwrap();
+        assert!(restored.marker.is_some(), "partition {p} has a checkpoint");
+        for (id, state) in restored.users {
+            assert!(out.insert(id.as_str().to_owned(), state).is_none());
+        }
+    }
+    out
+}
+
+/// The reference: every valid event applied once to one engine, without Kafka.
+pub fn uninterrupted(settings: &Settings, sent: &[Sent]) -> HashMap<String, UserState> {
+    let mut engine = Engine::new(settings);
+    for s in sent {
+        if let Some(event) = &s.record.event {
+            engine.apply(event, wall_ms());
+        }
+    }
+    engine
+        .store()
+        .snapshot()
+        .into_iter()
+        .map(|(id, state)| (id.as_str().to_owned(), state))
+        .collect()
+}
+
+/// Exact for counts and times; the features (decayed sums, evaluated at one instant) within
+/// 1e-9 relative (1e-12 absolute near zero), since events from three topics interleave
+/// differently run to run and float addition is not associative.
+pub fn assert_same_state(
+    settings: &Settings,
+    got: &HashMap<String, UserState>,
+    want: &HashMap<String, UserState>,
+) {
+    assert_eq!(got.len(), want.len(), "users");
+    let params = FeatureParams::new(
+        settings.features.half_lives.map(|d| d.as_millis() as f64),
+        settings.model.seed,
+    );
+    let at = want.values().map(|s| s.anchor_ms).max().unwrap();
+    for (user, w) in want {
+        let g = got.get(user).unwrap_or_else(|| panic!("{user} is missing"));
+        assert_eq!(g.events, w.events, "{user}: events");
+        assert_eq!(g.lifetime_orders, w.lifetime_orders, "{user}: orders");
+        assert_eq!(g.anchor_ms, w.anchor_ms, "{user}: latest event time");
+        assert_eq!(
+            g.first_event_ms, w.first_event_ms,
+            "{user}: first event time"
+        );
+        assert_eq!(
+            g.last_purchase_ms, w.last_purchase_ms,
+            "{user}: last purchase"
+        );
+        let (gv, wv) = (g.vector_at(at, &params), w.vector_at(at, &params));
+        for (i, (a, b)) in gv.iter().zip(wv.iter()).enumerate() {
+            // Relative, with an absolute floor for sums that cancel to ~0 (sentiment, ±spend).
+            assert!(
+                (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) + 1e-12,
+                "{user}: feature {i} {a} vs {b}"
+            );
+        }
+    }
 }

@@ -1,0 +1,382 @@
+//! Durable state in Kafka: writing checkpoints to the changelog and restoring partitions from it.
+//! The record format and the restore rules are the pure [`crate::changelog`]; this module does
+//! the Kafka I/O for the pipeline.
+//!
+//! A checkpoint, for every partition this instance owns: the changed users' records (or all of
+//! them, for a full checkpoint), the engine's models and counters, then the marker with the next
+//! input offsets. It waits until every output of the input before it is delivered (so a restore
+//! never skips an undelivered change or dead letter), and until its own records are
+//! acknowledged; only then are the same offsets committed to the consumer group, for lag
+//! monitoring and tools. The markers, not the group's commits, are the truth on restore.
+
+use crate::changelog::{
+    encode_marker, Marker, Restored, Restorer, EPOCH_HEADER, KIND_GLOBAL, KIND_HEADER, KIND_MARKER,
+    KIND_USER, MARKER_KEY,
+};
+use crate::config::Settings;
+use crate::engine::Engine;
+use crate::features::LAYOUT_VERSION;
+use crate::kafka::{apply_properties, ensure_topics_with, send};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use tracing::{debug, info};
+
+/// Key of the record carrying the engine's models and counters.
+pub const GLOBAL_KEY: &[u8] = b"segstream.global";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("changelog partition {partition}: {error}")]
+    Changelog {
+        partition: i32,
+        error: crate::changelog::ChangelogError,
+    },
+    #[error("changelog partition {0}: no end of partition within {1:?}")]
+    Stalled(i32, Duration),
+    #[error("restore task failed: {0}")]
+    Task(String),
+}
+
+impl CheckpointError {
+    /// Low-cardinality code for metrics and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CheckpointError::Kafka(_) => "kafka",
+            CheckpointError::Changelog { error, .. } => error.code(),
+            CheckpointError::Stalled(..) => "stalled",
+            CheckpointError::Task(_) => "task",
+        }
+    }
+}
+
+/// This instance's chain on one changelog partition it owns.
+#[derive(Clone, Debug)]
+pub struct Owned {
+    pub epoch: u64,
+    pub seq: u64,
+    /// Checkpoints since the last full one; the first after a restore is full.
+    pub since_full: Option<u32>,
+    /// The input offsets the restored state is as of (role name → next offset).
+    pub restored_offsets: BTreeMap<String, i64>,
+}
+
+impl Owned {
+    pub fn from_restored(r: &Restored) -> Self {
+        Self {
+            epoch: r.max_epoch + 1,
+            seq: 0,
+            since_full: None,
+            restored_offsets: r
+                .marker
+                .as_ref()
+                .map(|m| m.offsets.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Reads changelog partition `partition` from its start to its end (blocking; run it off the
+/// async workers) and restores it by the changelog's rules.
+pub fn restore_partition(
+    settings: &Settings,
+    partition: i32,
+) -> Result<(Restored, Option<Vec<u8>>), CheckpointError> {
+    // A stalled read (broker gone) fails the restore rather than serving partial state.
+    const IDLE: Duration = Duration::from_secs(60);
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &settings.kafka.brokers)
+        .set("group.id", format!("{}-restore", settings.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "52428800");
+    apply_properties(&mut cfg, &settings.kafka.properties);
+    let consumer: BaseConsumer = cfg.create()?;
+    let topic = &settings.kafka.topics.changelog;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut restorer = Restorer::default();
+    let mut globals: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut global = None;
+    let mut last = Instant::now();
+    let fail = |error| CheckpointError::Changelog { partition, error };
+    loop {
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            if last.elapsed() > IDLE {
+                return Err(CheckpointError::Stalled(partition, IDLE));
+            }
+            continue;
+        };
+        last = Instant::now();
+        let msg = match msg {
+            Ok(m) => m,
+            Err(KafkaError::PartitionEOF(_)) => break,
+            Err(e) => {
+                debug!(error = %e, "Changelog read error; retrying.");
+                continue;
+            }
+        };
+        let (mut kind, mut epoch) = (None, 0);
+        if let Some(h) = msg.headers() {
+            for h in h.iter() {
+                match (h.key, h.value) {
+                    (KIND_HEADER, Some(v)) => kind = Some(v.to_vec()),
+                    (EPOCH_HEADER, Some(v)) => {
+                        epoch = std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match kind
+            .as_deref()
+            .map(|k| std::str::from_utf8(k).unwrap_or(""))
+        {
+            Some(KIND_USER) => restorer.user(epoch, msg.key().unwrap_or_default(), msg.payload()),
+            Some(KIND_GLOBAL) => {
+                globals.insert(epoch, msg.payload().unwrap_or_default().to_vec());
+            }
+            Some(KIND_MARKER) => {
+                let accepted = restorer
+                    .marker(msg.payload().unwrap_or_default())
+                    .map_err(fail)?;
+                let pending_global = globals.remove(&epoch);
+                if accepted {
+                    global = pending_global.or(global);
+                }
+            }
+            _ => debug!(
+                offset = msg.offset(),
+                "Changelog record of unknown kind ignored."
+            ),
+        }
+    }
+    let restored = restorer.finish();
+    info!(
+        partition,
+        users = restored.users.len(),
+        records = restored.stats.records,
+        markers = restored.stats.markers,
+        rejected_markers = restored.stats.rejected_markers,
+        discarded_records = restored.stats.discarded_records,
+        "Restored a changelog partition."
+    );
+    Ok((restored, global))
+}
+
+/// What one checkpoint wrote.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Written {
+    pub partitions: usize,
+    pub full: usize,
+    pub records: usize,
+    pub bytes: usize,
+}
+
+/// Writes one checkpoint of every partition in `owned` and waits for the broker to acknowledge
+/// it. `offsets` gives the next input offset per (role, partition) consumed since the restore.
+/// On error nothing is advanced: the partitions' chains continue from their last marker.
+pub async fn write(
+    settings: &Settings,
+    producer: &FutureProducer,
+    engine: &mut Engine,
+    owned: &mut BTreeMap<i32, Owned>,
+    offsets: &HashMap<(&'static str, i32), i64>,
+    now_ms: i64,
+) -> Result<Written, CheckpointError> {
+    let every = settings.state.full_checkpoint_every;
+    let full: Vec<i32> = owned
+        .iter()
+        .filter(|(_, o)| o.since_full.is_none_or(|n| n + 1 >= every))
+        .map(|(p, _)| *p)
+        .collect();
+    let mut records = engine.checkpoint(&full);
+    let global = engine.export_global();
+    let topic = settings.kafka.topics.changelog.as_str();
+    let mut deliveries = Vec::new();
+    let mut written = Written::default();
+    for (&partition, o) in owned.iter() {
+        let epoch = o.epoch.to_string();
+        let headers = |kind: &'static str| {
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: KIND_HEADER,
+                    value: Some(kind),
+                })
+                .insert(Header {
+                    key: EPOCH_HEADER,
+                    value: Some(epoch.as_str()),
+                })
+        };
+        let users = records.remove(&partition).unwrap_or_default();
+        let n = users.len() as u64;
+        for (id, value) in &users {
+            let mut r = FutureRecord::<[u8], [u8]>::to(topic)
+                .partition(partition)
+                .key(id.as_str().as_bytes())
+                .headers(headers(KIND_USER));
+            if let Some(v) = value {
+                written.bytes += v.len();
+                r = r.payload(&v[..]);
+            }
+            deliveries.push(send(producer, r).await?);
+        }
+        let global_record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(GLOBAL_KEY)
+            .payload(&global[..])
+            .headers(headers(KIND_GLOBAL));
+        deliveries.push(send(producer, global_record).await?);
+        let mut marker_offsets = o.restored_offsets.clone();
+        for ((role, p), next) in offsets {
+            if *p == partition {
+                marker_offsets.insert((*role).to_owned(), *next);
+            }
+        }
+        let marker = encode_marker(&Marker {
+            epoch: o.epoch,
+            seq: o.seq,
+            full: full.contains(&partition),
+            records: n,
+            offsets: marker_offsets,
+            layout_version: LAYOUT_VERSION,
+            written_ms: now_ms,
+        });
+        let m = FutureRecord::to(topic)
+            .partition(partition)
+            .key(MARKER_KEY)
+            .payload(&marker[..])
+            .headers(headers(KIND_MARKER));
+        deliveries.push(send(producer, m).await?);
+        written.records += users.len();
+        written.partitions += 1;
+    }
+    for d in deliveries {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e.into()),
+            Err(_) => return Err(KafkaError::Canceled.into()),
+        }
+    }
+    for (partition, o) in owned.iter_mut() {
+        o.seq += 1;
+        o.since_full = if full.contains(partition) {
+            Some(0)
+        } else {
+            o.since_full.map(|n| n + 1)
+        };
+    }
+    written.full = full.len();
+    Ok(written)
+}
+
+/// Creates the changelog and erasure topics if missing, with as many partitions as the
+/// clickstream topic (co-partitioned), the changelog with `state.changelog_retention`.
+pub async fn ensure_state_topics(settings: &Settings) -> Result<(), CheckpointError> {
+    let s = settings.clone();
+    let (partitions, missing) = tokio::task::spawn_blocking(move || {
+        let t = &s.kafka.topics;
+        let n = partition_count(&s, &t.clickstream)?;
+        let missing: Vec<String> = [&t.changelog, &t.erasure, &t.model]
+            .into_iter()
+            .filter(|topic| partition_count(&s, topic).is_err())
+            .cloned()
+            .collect();
+        Ok::<_, KafkaError>((n, missing))
+    })
+    .await
+    .map_err(|e| CheckpointError::Task(e.to_string()))??;
+    let t = &settings.kafka.topics;
+    let retention = settings.state.changelog_retention.as_millis().to_string();
+    let model_retention = settings.state.model_retention.as_millis().to_string();
+    for topic in &missing {
+        let (n, config): (i32, &[(&str, &str)]) = if *topic == t.changelog {
+            (
+                partitions,
+                &[("cleanup.policy", "delete"), ("retention.ms", &retention)],
+            )
+        } else if *topic == t.model {
+            (
+                1,
+                &[
+                    ("cleanup.policy", "delete"),
+                    ("retention.ms", &model_retention),
+                ],
+            )
+        } else {
+            (partitions, &[])
+        };
+        info!(%topic, partitions = n, "Creating a state topic.");
+        ensure_topics_with(
+            &settings.kafka.brokers,
+            &settings.kafka.properties,
+            &[topic],
+            n,
+            config,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Key of model records on the model topic.
+pub const MODEL_KEY: &[u8] = b"segstream.models";
+
+/// A consumer of the model topic from its start, reporting its end (`enable.partition.eof`):
+/// the pipeline reads it to the end for the latest models before consuming input, then keeps
+/// following it.
+pub fn model_follower(settings: &Settings) -> Result<StreamConsumer, KafkaError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &settings.kafka.brokers)
+        .set("group.id", format!("{}-models", settings.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
+    apply_properties(&mut cfg, &settings.kafka.properties);
+    let consumer: StreamConsumer = cfg.create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&settings.kafka.topics.model, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// Publishes the trainer's models (fire and forget: the next checkpoint publishes newer ones).
+pub async fn publish_models(
+    settings: &Settings,
+    producer: &FutureProducer,
+    engine: &Engine,
+) -> Result<DeliveryFuture, KafkaError> {
+    let bytes = engine.export_models();
+    let r = FutureRecord::to(&settings.kafka.topics.model)
+        .partition(0)
+        .key(MODEL_KEY)
+        .payload(&bytes[..]);
+    send(producer, r).await
+}
+
+/// Partition count of `topic`, from the cluster's metadata.
+pub fn partition_count(settings: &Settings, topic: &str) -> Result<i32, KafkaError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &settings.kafka.brokers);
+    apply_properties(&mut cfg, &settings.kafka.properties);
+    let c: BaseConsumer = cfg.create()?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    match md.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as i32)
+        }
+        _ => Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        )),
+    }
+}
