@@ -3,6 +3,9 @@
 //! `broker`: through a real broker, segstream's consume-and-process rate next to a bare rdkafka
 //! consumer reading the same topics.
 //!
+//! `restore`: a full checkpoint of N users written to a changelog on a real broker, then the
+//! time to restore every partition into a fresh engine (what a starting instance does).
+//!
 //! `memory`: resident memory per user. Users' events go through the real engine (default
 //! configuration), and the process's resident set is read from `/proc/self/statm` before and
 //! after; the difference over the user count is the cost of a user (state, map entry, id).
@@ -69,8 +72,13 @@ pub struct BrokerReport {
     /// Segment changes the segstream run published (each one a produced record).
     pub changes: u64,
     pub bare_consumer_events_per_second: f64,
+    /// With checkpoints (the default).
     pub segstream_events_per_second: f64,
     pub ratio: f64,
+    /// The same pipeline with `state.checkpoints = false` (at-least-once, state in memory).
+    pub segstream_without_checkpoints_events_per_second: f64,
+    /// 1 - with / without: the throughput checkpointing costs.
+    pub checkpoint_cost: f64,
 }
 
 /// Produces `events` persona records to fresh topics on `brokers`, then times a bare consumer
@@ -84,7 +92,7 @@ pub async fn broker(brokers: &str, events: u64, users: usize) -> anyhow::Result<
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-{}", std::process::id());
-    let mut settings = settings_for(brokers, &prefix);
+    let settings = settings_for(brokers, &prefix);
     create_all_topics(&settings, 3).await?;
     let opts = GenerateOptions {
         rate: 0,
@@ -113,25 +121,37 @@ pub async fn broker(brokers: &str, events: u64, users: usize) -> anyhow::Result<
     }
     let bare_rate = events as f64 / started.map_or(1e-9, |s| s.elapsed().as_secs_f64());
 
-    // segstream, from its own group. Timed from its first message, as the bare consumer.
-    settings.kafka.group_id = format!("{prefix}-segstream");
-    let metrics = Metrics::new();
-    let cancel = CancellationToken::new();
-    let task = {
-        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { crate::pipeline::run(&s, Engine::new(&s), m, c).await })
+    // segstream, from its own group (and changelog), without and with checkpoints. Timed from
+    // its first message, as the bare consumer.
+    let rate = |checkpoints: bool| {
+        let mut s = settings.clone();
+        let run = if checkpoints { "ckpt" } else { "mem" };
+        s.kafka.group_id = format!("{prefix}-segstream-{run}");
+        s.kafka.topics.changelog = format!("{prefix}-changelog-{run}");
+        s.kafka.topics.model = format!("{prefix}-model-{run}");
+        s.state.checkpoints = checkpoints;
+        async move {
+            let metrics = Metrics::new();
+            let cancel = CancellationToken::new();
+            let task = {
+                let (s, m, c) = (s.clone(), metrics.clone(), cancel.clone());
+                tokio::spawn(async move { crate::pipeline::run(&s, Engine::new(&s), m, c).await })
+            };
+            while metrics.consumed_total() == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let started = Instant::now();
+            while metrics.consumed_total() < events {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let rate = events as f64 / started.elapsed().as_secs_f64();
+            cancel.cancel();
+            task.await??;
+            anyhow::Ok((rate, metrics.changes_total()))
+        }
     };
-    while metrics.consumed_total() == 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-    let started = Instant::now();
-    while metrics.consumed_total() < events {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    let seg_rate = events as f64 / started.elapsed().as_secs_f64();
-    let changes = metrics.changes_total();
-    cancel.cancel();
-    task.await??;
+    let (without, _) = rate(false).await?;
+    let (seg_rate, changes) = rate(true).await?;
     Ok(BrokerReport {
         events,
         users,
@@ -139,5 +159,104 @@ pub async fn broker(brokers: &str, events: u64, users: usize) -> anyhow::Result<
         bare_consumer_events_per_second: bare_rate,
         segstream_events_per_second: seg_rate,
         ratio: seg_rate / bare_rate,
+        segstream_without_checkpoints_events_per_second: without,
+        checkpoint_cost: 1.0 - seg_rate / without,
     })
+}
+
+/// What `bench restore` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    pub users: usize,
+    pub partitions: i32,
+    pub changelog_bytes: usize,
+    /// Writing the full checkpoint of every user (all partitions).
+    pub checkpoint_seconds: f64,
+    /// Reading every changelog partition and installing its users in a fresh engine.
+    pub restore_seconds: f64,
+    pub users_per_second: f64,
+}
+
+/// Fills an engine with `users` users, writes a full checkpoint of them to a fresh changelog on
+/// `brokers`, then restores every partition into a fresh engine, timing both.
+pub async fn restore(
+    brokers: &str,
+    users: usize,
+    partitions: i32,
+) -> anyhow::Result<RestoreReport> {
+    use crate::app::settings_for;
+    use crate::checkpoint::{restore_partition, write, Owned};
+    use std::collections::{BTreeMap, HashMap};
+
+    let prefix = format!("bench-restore-{}", std::process::id());
+    let settings = settings_for(brokers, &prefix);
+    crate::kafka::ensure_topics(
+        brokers,
+        &settings.kafka.properties,
+        &[&settings.kafka.topics.changelog],
+        partitions,
+    )
+    .await?;
+    let mut engine = Engine::new(&settings);
+    let mut generator = Generator::new(1, users, 0.0);
+    let t0 = 1_700_000_000_000i64;
+    for i in 0..users * 4 {
+        let t = t0 + i as i64;
+        let e = generator.next_event(t);
+        let shard = (ahash_of(e.user_id()) % partitions as u64) as i32;
+        engine.apply_in(&e, t, shard);
+    }
+    tracing::info!(
+        users = engine.users(),
+        "Engine filled; writing a full checkpoint."
+    );
+    let producer = crate::kafka::producer(&settings)?;
+    let mut owned: BTreeMap<i32, Owned> = (0..partitions)
+        .map(|p| {
+            (
+                p,
+                Owned {
+                    epoch: 1,
+                    seq: 0,
+                    since_full: None,
+                    restored_offsets: BTreeMap::new(),
+                },
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let written = write(
+        &settings,
+        &producer,
+        &mut engine,
+        &mut owned,
+        &HashMap::new(),
+        0,
+    )
+    .await?;
+    let checkpoint_seconds = started.elapsed().as_secs_f64();
+    drop(engine);
+
+    tracing::info!(records = written.records, "Restoring.");
+    let mut fresh = Engine::new(&settings);
+    let started = Instant::now();
+    for p in 0..partitions {
+        let s = settings.clone();
+        let (restored, _) = tokio::task::spawn_blocking(move || restore_partition(&s, p)).await??;
+        fresh.restore_shard(p, restored.users);
+    }
+    let restore_seconds = started.elapsed().as_secs_f64();
+    Ok(RestoreReport {
+        users: fresh.users(),
+        partitions,
+        changelog_bytes: written.bytes,
+        checkpoint_seconds,
+        restore_seconds,
+        users_per_second: fresh.users() as f64 / restore_seconds,
+    })
+}
+
+/// A fixed hash of a user id, standing in for the producers' partitioner.
+fn ahash_of(user: &str) -> u64 {
+    ahash::RandomState::with_seeds(1, 2, 3, 4).hash_one(user)
 }

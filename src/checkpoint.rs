@@ -82,6 +82,19 @@ impl Owned {
     }
 }
 
+/// Context of the changelog reader: reaching the end of the partition is the point, not an error.
+struct EndOfLog;
+
+impl rdkafka::ClientContext for EndOfLog {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "Changelog reader error.");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndOfLog {}
+
 /// Reads changelog partition `partition` from its start to its end (blocking; run it off the
 /// async workers) and restores it by the changelog's rules.
 pub fn restore_partition(
@@ -98,7 +111,7 @@ pub fn restore_partition(
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "52428800");
     apply_properties(&mut cfg, &settings.kafka.properties);
-    let consumer: BaseConsumer = cfg.create()?;
+    let consumer: BaseConsumer<EndOfLog> = cfg.create_with_context(EndOfLog)?;
     let topic = &settings.kafka.topics.changelog;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
@@ -107,6 +120,7 @@ pub fn restore_partition(
     let mut globals: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut global = None;
     let mut last = Instant::now();
+    let started = Instant::now();
     let fail = |error| CheckpointError::Changelog { partition, error };
     loop {
         let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
@@ -162,9 +176,12 @@ pub fn restore_partition(
             ),
         }
     }
+    let read_seconds = started.elapsed().as_secs_f64();
     let restored = restorer.finish();
     info!(
         partition,
+        read_seconds,
+        seconds = started.elapsed().as_secs_f64(),
         users = restored.users.len(),
         records = restored.stats.records,
         markers = restored.stats.markers,

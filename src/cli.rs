@@ -71,6 +71,18 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100_000)]
         users: usize,
     },
+    /// Restore time: a full checkpoint of N users to a changelog on a real broker, restored.
+    Restore {
+        /// Bootstrap servers of the broker to measure against.
+        #[arg(long)]
+        brokers: String,
+        /// Users in the checkpoint.
+        #[arg(long, default_value_t = 1_000_000)]
+        users: usize,
+        /// Changelog partitions.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
     /// Resident memory per user: persona events for N users through the engine.
     Memory {
         /// Distinct users.
@@ -363,6 +375,31 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             println!(
                 "bare consumer {:.0} events/s, segstream {:.0} events/s: ratio {:.2}",
                 r.bare_consumer_events_per_second, r.segstream_events_per_second, r.ratio
+            );
+            println!(
+                "without checkpoints {:.0} events/s: checkpointing costs {:.1} % of throughput",
+                r.segstream_without_checkpoints_events_per_second,
+                100.0 * r.checkpoint_cost
+            );
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Restore {
+                    brokers,
+                    users,
+                    partitions,
+                },
+        } => {
+            let r = crate::bench::restore(&brokers, users, partitions).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            println!(
+                "{} users ({:.0} MB of state): full checkpoint written in {:.1} s, restored in {:.1} s ({:.0} users/s)",
+                r.users,
+                r.changelog_bytes as f64 / 1e6,
+                r.checkpoint_seconds,
+                r.restore_seconds,
+                r.users_per_second
             );
             Ok(())
         }

@@ -143,7 +143,8 @@ pub fn producer_config(s: &Settings) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &s.kafka.brokers)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5");
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
     apply_properties(&mut cfg, &s.kafka.properties);
     apply_properties(&mut cfg, &s.kafka.producer_properties);
     cfg
