@@ -3,6 +3,11 @@
 //! `broker`: through a real broker, segstream's consume-and-process rate next to a bare rdkafka
 //! consumer reading the same topics.
 //!
+//! `pipeline`: pre-generated Avro bytes through decode + engine on all cores: the records are
+//! split by user into one shard per thread (as partitions split users between instances), each
+//! thread runs its own decoder and engine; the first half of every shard warms its engine, the
+//! second half is timed.
+//!
 //! `restore`: a full checkpoint of N users written to a changelog on a real broker, then the
 //! time to restore every partition into a fresh engine (what a starting instance does).
 //!
@@ -13,6 +18,7 @@
 use crate::config::RawConfig;
 use crate::engine::Engine;
 use crate::generate::Generator;
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// What `bench memory` measured.
@@ -61,6 +67,115 @@ pub fn memory(users: usize, events_per_user: usize) -> anyhow::Result<MemoryRepo
         rss_after_bytes: after,
         bytes_per_user: after.saturating_sub(before) as f64 / tracked.max(1) as f64,
         events_per_second: events as f64 / seconds.max(1e-9),
+    })
+}
+
+/// What `bench pipeline` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PipelineReport {
+    pub threads: usize,
+    pub users: usize,
+    /// Events timed (the second half of the generated ones).
+    pub events: usize,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub events_per_second_per_core: f64,
+    /// Model-space vectors of the users at the end, one row per timed event (f64, row-major,
+    /// 50 columns), when `vectors_out` was given: the same stream for the scikit-learn script.
+    pub vectors_written: usize,
+}
+
+/// Decode + apply over all cores (see the module documentation). With `vectors_out`, writes the
+/// final model vector of each timed event's user, in stream order, as raw little-endian f64.
+pub fn pipeline(
+    events: usize,
+    users: usize,
+    threads: usize,
+    vectors_out: Option<&std::path::Path>,
+) -> anyhow::Result<PipelineReport> {
+    use crate::decode::Decoder;
+    use crate::generate::Record;
+    use std::io::Write;
+
+    let settings = RawConfig::default().validate()?;
+    let threads = threads.max(1);
+    let mut g = Generator::new(1, users, 0.0);
+    let t0 = crate::pipeline::wall_ms() - 2 * events as i64;
+    let mut shards: Vec<Vec<Record>> = vec![Vec::new(); threads];
+    let mut order = Vec::with_capacity(events);
+    for i in 0..2 * events {
+        let r = g.next_record(t0 + i as i64, &settings.decode);
+        let shard = (ahash_of(&r.key) % threads as u64) as usize;
+        if i >= events {
+            order.push((r.key.clone(), shard));
+        }
+        shards[shard].push(r);
+    }
+    let now = t0 + 2 * events as i64;
+    let barrier = std::sync::Barrier::new(threads + 1);
+    let mut engines = Vec::new();
+    let seconds = std::thread::scope(|scope| {
+        let handles: Vec<_> = shards
+            .iter()
+            .map(|records| {
+                let (settings, barrier) = (&settings, &barrier);
+                scope.spawn(move || {
+                    let decoder = Decoder::new(settings.decode.clone());
+                    let mut engine = Engine::new(settings);
+                    let half = records.len() / 2;
+                    let mut run = |rs: &[Record]| {
+                        for r in rs {
+                            if let Ok(e) = decoder.decode(r.source, &r.payload, Some(now)) {
+                                engine.apply(&e, now);
+                            }
+                        }
+                    };
+                    run(&records[..half]);
+                    barrier.wait();
+                    run(&records[half..]);
+                    engine
+                })
+            })
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        for h in handles {
+            engines.push(h.join().expect("bench thread"));
+        }
+        started.elapsed().as_secs_f64()
+    });
+    let timed: usize = shards.iter().map(|s| s.len() - s.len() / 2).sum();
+    let mut vectors_written = 0;
+    if let Some(path) = vectors_out {
+        let dumps: Vec<HashMap<String, Vec<f64>>> = engines
+            .iter()
+            .map(|e| {
+                e.dump()
+                    .into_iter()
+                    .map(|u| (u.user_id, u.model_vector))
+                    .collect()
+            })
+            .collect();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (user, shard) in &order {
+            if let Some(v) = dumps[*shard].get(user) {
+                for x in v {
+                    out.write_all(&x.to_le_bytes())?;
+                }
+                vectors_written += 1;
+            }
+        }
+        out.flush()?;
+    }
+    let rate = timed as f64 / seconds;
+    Ok(PipelineReport {
+        threads,
+        users,
+        events: timed,
+        seconds,
+        events_per_second: rate,
+        events_per_second_per_core: rate / threads as f64,
+        vectors_written,
     })
 }
 
@@ -185,8 +300,8 @@ pub async fn restore(
     partitions: i32,
 ) -> anyhow::Result<RestoreReport> {
     use crate::app::settings_for;
-    use crate::checkpoint::{restore_partition, write, Owned};
-    use std::collections::{BTreeMap, HashMap};
+    use crate::checkpoint::{restore_partition, take, write, Owned};
+    use std::collections::BTreeMap;
 
     let prefix = format!("bench-restore-{}", std::process::id());
     let settings = settings_for(brokers, &prefix);
@@ -211,7 +326,7 @@ pub async fn restore(
         "Engine filled; writing a full checkpoint."
     );
     let producer = crate::kafka::producer(&settings)?;
-    let mut owned: BTreeMap<i32, Owned> = (0..partitions)
+    let owned: BTreeMap<i32, Owned> = (0..partitions)
         .map(|p| {
             (
                 p,
@@ -225,15 +340,8 @@ pub async fn restore(
         })
         .collect();
     let started = Instant::now();
-    let written = write(
-        &settings,
-        &producer,
-        &mut engine,
-        &mut owned,
-        &HashMap::new(),
-        0,
-    )
-    .await?;
+    let snapshot = take(&settings, &mut engine, &owned, &HashMap::new(), 0);
+    let written = write(&settings, &producer, &snapshot).await?;
     let checkpoint_seconds = started.elapsed().as_secs_f64();
     drop(engine);
 

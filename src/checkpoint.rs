@@ -14,7 +14,7 @@ use crate::changelog::{
     KIND_USER, MARKER_KEY,
 };
 use crate::config::Settings;
-use crate::engine::Engine;
+use crate::engine::{Engine, UserRecord};
 use crate::features::LAYOUT_VERSION;
 use crate::kafka::{apply_properties, ensure_topics_with, send};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -42,6 +42,8 @@ pub enum CheckpointError {
     Stalled(i32, Duration),
     #[error("restore task failed: {0}")]
     Task(String),
+    #[error("an output before the checkpoint could not be delivered")]
+    OutputFailed,
 }
 
 impl CheckpointError {
@@ -52,6 +54,7 @@ impl CheckpointError {
             CheckpointError::Changelog { error, .. } => error.code(),
             CheckpointError::Stalled(..) => "stalled",
             CheckpointError::Task(_) => "task",
+            CheckpointError::OutputFailed => "output_failed",
         }
     }
 }
@@ -193,25 +196,46 @@ pub fn restore_partition(
 }
 
 /// What one checkpoint wrote.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Written {
     pub partitions: usize,
     pub full: usize,
     pub records: usize,
     pub bytes: usize,
+    /// (partition, epoch, full) of each partition checkpointed: their chains advance.
+    advanced: Vec<(i32, u64, bool)>,
 }
 
-/// Writes one checkpoint of every partition in `owned` and waits for the broker to acknowledge
-/// it. `offsets` gives the next input offset per (role, partition) consumed since the restore.
-/// On error nothing is advanced: the partitions' chains continue from their last marker.
-pub async fn write(
+/// One partition's part of a checkpoint.
+struct PartitionPart {
+    partition: i32,
+    records: Vec<UserRecord>,
+    marker: Marker,
+}
+
+/// A checkpoint taken from the engine at one instant: everything to write, so that writing can
+/// overlap further processing. Its offsets are those of that instant.
+pub struct Snapshot {
+    parts: Vec<PartitionPart>,
+    global: Vec<u8>,
+    /// The models, when this instance trains them (published after the checkpoint).
+    pub models: Option<Vec<u8>>,
+    /// Input offsets to commit to the group once written: (topic role, partition, next offset).
+    pub offsets: Vec<(&'static str, i32, i64)>,
+    pub taken_ms: i64,
+}
+
+/// Takes a checkpoint of every partition in `owned` from the engine (clearing its change
+/// marks). `offsets` gives the next input offset per (role, partition) consumed since the
+/// restore. A partition's checkpoint is full every `state.full_checkpoint_every`-th time, and the
+/// first time after its restore.
+pub fn take(
     settings: &Settings,
-    producer: &FutureProducer,
     engine: &mut Engine,
-    owned: &mut BTreeMap<i32, Owned>,
+    owned: &BTreeMap<i32, Owned>,
     offsets: &HashMap<(&'static str, i32), i64>,
     now_ms: i64,
-) -> Result<Written, CheckpointError> {
+) -> Snapshot {
     let every = settings.state.full_checkpoint_every;
     let full: Vec<i32> = owned
         .iter()
@@ -219,12 +243,58 @@ pub async fn write(
         .map(|(p, _)| *p)
         .collect();
     let mut records = engine.checkpoint(&full);
-    let global = engine.export_global();
+    let parts = owned
+        .iter()
+        .map(|(&partition, o)| {
+            let records = records.remove(&partition).unwrap_or_default();
+            let mut marker_offsets = o.restored_offsets.clone();
+            for ((role, p), next) in offsets {
+                if *p == partition {
+                    marker_offsets.insert((*role).to_owned(), *next);
+                }
+            }
+            let marker = Marker {
+                epoch: o.epoch,
+                seq: o.seq,
+                full: full.contains(&partition),
+                records: records.len() as u64,
+                offsets: marker_offsets,
+                layout_version: LAYOUT_VERSION,
+                written_ms: now_ms,
+            };
+            PartitionPart {
+                partition,
+                records,
+                marker,
+            }
+        })
+        .collect();
+    Snapshot {
+        parts,
+        global: engine.export_global(),
+        models: engine.is_trainer().then(|| engine.export_models()),
+        offsets: offsets
+            .iter()
+            .filter(|((_, p), _)| owned.contains_key(p))
+            .map(|((role, p), next)| (*role, *p, *next))
+            .collect(),
+        taken_ms: now_ms,
+    }
+}
+
+/// Writes a checkpoint and waits for the broker to acknowledge all of it. Each partition's
+/// records go first, then the engine's global state, then the marker that makes them count.
+pub async fn write(
+    settings: &Settings,
+    producer: &FutureProducer,
+    snapshot: &Snapshot,
+) -> Result<Written, CheckpointError> {
     let topic = settings.kafka.topics.changelog.as_str();
     let mut deliveries = Vec::new();
     let mut written = Written::default();
-    for (&partition, o) in owned.iter() {
-        let epoch = o.epoch.to_string();
+    for part in &snapshot.parts {
+        let partition = part.partition;
+        let epoch = part.marker.epoch.to_string();
         let headers = |kind: &'static str| {
             OwnedHeaders::new()
                 .insert(Header {
@@ -236,9 +306,7 @@ pub async fn write(
                     value: Some(epoch.as_str()),
                 })
         };
-        let users = records.remove(&partition).unwrap_or_default();
-        let n = users.len() as u64;
-        for (id, value) in &users {
+        for (id, value) in &part.records {
             let mut r = FutureRecord::<[u8], [u8]>::to(topic)
                 .partition(partition)
                 .key(id.as_str().as_bytes())
@@ -252,32 +320,22 @@ pub async fn write(
         let global_record = FutureRecord::to(topic)
             .partition(partition)
             .key(GLOBAL_KEY)
-            .payload(&global[..])
+            .payload(&snapshot.global[..])
             .headers(headers(KIND_GLOBAL));
         deliveries.push(send(producer, global_record).await?);
-        let mut marker_offsets = o.restored_offsets.clone();
-        for ((role, p), next) in offsets {
-            if *p == partition {
-                marker_offsets.insert((*role).to_owned(), *next);
-            }
-        }
-        let marker = encode_marker(&Marker {
-            epoch: o.epoch,
-            seq: o.seq,
-            full: full.contains(&partition),
-            records: n,
-            offsets: marker_offsets,
-            layout_version: LAYOUT_VERSION,
-            written_ms: now_ms,
-        });
+        let marker = encode_marker(&part.marker);
         let m = FutureRecord::to(topic)
             .partition(partition)
             .key(MARKER_KEY)
             .payload(&marker[..])
             .headers(headers(KIND_MARKER));
         deliveries.push(send(producer, m).await?);
-        written.records += users.len();
+        written.records += part.records.len();
         written.partitions += 1;
+        written.full += usize::from(part.marker.full);
+        written
+            .advanced
+            .push((partition, part.marker.epoch, part.marker.full));
     }
     for d in deliveries {
         match d.await {
@@ -286,16 +344,22 @@ pub async fn write(
             Err(_) => return Err(KafkaError::Canceled.into()),
         }
     }
-    for (partition, o) in owned.iter_mut() {
-        o.seq += 1;
-        o.since_full = if full.contains(partition) {
-            Some(0)
-        } else {
-            o.since_full.map(|n| n + 1)
-        };
-    }
-    written.full = full.len();
     Ok(written)
+}
+
+/// Advances the chains of the partitions a written checkpoint covered (those still owned by the
+/// same chain: a partition released and restored meanwhile has a new epoch and is left alone).
+pub fn advance(owned: &mut BTreeMap<i32, Owned>, written: &Written) {
+    for (partition, epoch, full) in &written.advanced {
+        if let Some(o) = owned.get_mut(partition).filter(|o| o.epoch == *epoch) {
+            o.seq += 1;
+            o.since_full = if *full {
+                Some(0)
+            } else {
+                o.since_full.map(|n| n + 1)
+            };
+        }
+    }
 }
 
 /// Creates the changelog and erasure topics if missing, with as many partitions as the

@@ -59,6 +59,22 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// In process: pre-generated Avro bytes through decode + engine on all cores.
+    Pipeline {
+        /// Events timed (as many again warm the engines first).
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Distinct users.
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        /// Worker threads, one shard of users each (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Write each timed event's user's final model vector here (raw f64, 50 per row), for
+        /// benches/sklearn/run.sh.
+        #[arg(long)]
+        vectors_out: Option<PathBuf>,
+    },
     /// Through a real broker: segstream's rate next to a bare consumer's on the same topics.
     Broker {
         /// Bootstrap servers of the broker to measure against.
@@ -380,6 +396,26 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 "without checkpoints {:.0} events/s: checkpointing costs {:.1} % of throughput",
                 r.segstream_without_checkpoints_events_per_second,
                 100.0 * r.checkpoint_cost
+            );
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Pipeline {
+                    events,
+                    users,
+                    threads,
+                    vectors_out,
+                },
+        } => {
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            });
+            let r = crate::bench::pipeline(events, users, threads, vectors_out.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            println!(
+                "{} threads: {:.0} events/s, {:.0} events/s per core",
+                r.threads, r.events_per_second, r.events_per_second_per_core
             );
             Ok(())
         }

@@ -8,7 +8,8 @@
 //! auto-commits stored offsets, and we commit synchronously on revoke and on shutdown.
 
 use crate::checkpoint::{
-    self, model_follower, partition_count, restore_partition, CheckpointError, Owned,
+    self, model_follower, partition_count, restore_partition, CheckpointError, Owned, Snapshot,
+    Written,
 };
 use crate::config::Settings;
 use crate::decode::{DecodeError, Decoder};
@@ -200,6 +201,15 @@ pub async fn run_with_api(
     } else {
         None
     };
+    let writer = Writer {
+        settings,
+        producer: &producer,
+        consumer: &consumer,
+        metrics: &metrics,
+        acked: &acked,
+        failed: &failed,
+    };
+    let mut in_flight: Option<InFlight> = None;
     let mut gauges = tokio::time::interval(Duration::from_millis(500));
     let mut checkpoints = tokio::time::interval(settings.state.checkpoint_interval);
     checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -236,13 +246,17 @@ pub async fn run_with_api(
                 }
                 continue;
             }
-            _ = checkpoints.tick(), if durable_state => {
-                let done = checkpoint(settings, &producer, &consumer, &mut engine, &mut durable,
-                    &metrics, &acked, sent, &failed).await;
-                if let Err(e) = done {
+            done = async { (&mut in_flight.as_mut().expect("guarded").task).await }, if in_flight.is_some() => {
+                let started = in_flight.take().expect("guarded").started;
+                if let Err(e) = writer.finish(done, started, &mut durable).await {
                     result = Err(e);
                     break;
                 }
+                continue;
+            }
+            _ = checkpoints.tick(), if durable_state && in_flight.is_none() => {
+                // One checkpoint at a time; processing goes on while it is written.
+                in_flight = writer.begin(&mut engine, &durable, sent);
                 continue;
             }
             Some(cmd) = link.commands.recv() => {
@@ -266,8 +280,7 @@ pub async fn run_with_api(
                 sent += 1;
                 // The erasure is durable once a checkpoint carries the removal: answer then.
                 if known && durable_state {
-                    let done = checkpoint(settings, &producer, &consumer, &mut engine,
-                        &mut durable, &metrics, &acked, sent, &failed).await;
+                    let done = writer.now(&mut in_flight, &mut engine, &mut durable, sent).await;
                     if let Err(e) = done {
                         result = Err(e);
                         break;
@@ -431,21 +444,14 @@ pub async fn run_with_api(
     }
     if durable_state && result.is_ok() {
         // Every output is delivered by now; the checkpoint makes a restart start right here.
-        let last = checkpoint(
-            settings,
-            &producer,
-            &consumer,
-            &mut engine,
-            &mut durable,
-            &metrics,
-            &acked,
-            sent,
-            &failed,
-        )
-        .await;
-        if let Err(e) = last {
+        if let Err(e) = writer
+            .now(&mut in_flight, &mut engine, &mut durable, sent)
+            .await
+        {
             result = Err(e);
         }
+    } else if let Some(f) = in_flight.take() {
+        f.task.abort();
     }
     if let Err(e) = producer.flush(Duration::from_secs(30)) {
         warn!(error = %e, "Producer flush did not complete.");
@@ -591,89 +597,140 @@ async fn restore(
     Ok(())
 }
 
-/// Writes a checkpoint of the owned partitions once every output sent so far is delivered,
-/// then commits the same input offsets to the group.
-#[allow(clippy::too_many_arguments)]
-async fn checkpoint(
-    settings: &Settings,
-    producer: &FutureProducer,
-    consumer: &StreamConsumer<SegContext>,
-    engine: &mut Engine,
-    durable: &mut Durable,
-    metrics: &Metrics,
-    acked: &watch::Receiver<u64>,
-    sent: u64,
-    failed: &CancellationToken,
-) -> Result<(), PipelineError> {
-    if durable.owned.is_empty() {
-        return Ok(());
-    }
-    let started = Instant::now();
-    let mut acked = acked.clone();
-    tokio::select! {
-        _ = acked.wait_for(|n| *n >= sent) => {}
-        _ = failed.cancelled() => return Err(PipelineError::Stopped),
-    }
-    if failed.is_cancelled() {
-        return Err(PipelineError::Stopped);
-    }
-    let now = wall_ms();
-    let written = checkpoint::write(
-        settings,
-        producer,
-        engine,
-        &mut durable.owned,
-        &durable.consumed,
-        now,
-    )
-    .await
-    .inspect_err(|e| {
-        metrics.checkpoint_failed();
-        metrics.producer_error("changelog");
-        warn!(error = %e, error_code = e.code(), "Checkpoint failed; stopping.");
-    })?;
-    metrics.checkpoint_written(
-        started.elapsed().as_secs_f64(),
-        written.partitions,
-        written.full,
-        written.records,
-        written.bytes,
-        now,
-    );
-    debug!(?written, "Checkpoint written.");
-    if engine.is_trainer() {
-        let published = checkpoint::publish_models(settings, producer, engine).await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            if !matches!(published.await, Ok(Ok(_))) {
-                metrics.producer_error("model");
+/// What checkpointing needs besides the engine and the bookkeeping.
+struct Writer<'a> {
+    settings: &'a Settings,
+    producer: &'a FutureProducer,
+    consumer: &'a StreamConsumer<SegContext>,
+    metrics: &'a Metrics,
+    /// Outputs delivered so far (the committer counts them in order).
+    acked: &'a watch::Receiver<u64>,
+    /// Cancelled when an output could not be delivered.
+    failed: &'a CancellationToken,
+}
+
+/// A checkpoint being written while processing goes on.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<(Written, Snapshot), CheckpointError>>,
+    started: Instant,
+}
+
+impl Writer<'_> {
+    /// Takes a checkpoint of the owned partitions and writes it in the background once every
+    /// output sent before it (`sent` of them) is delivered. `None` if nothing is owned.
+    fn begin(&self, engine: &mut Engine, durable: &Durable, sent: u64) -> Option<InFlight> {
+        if durable.owned.is_empty() {
+            return None;
+        }
+        let started = Instant::now();
+        let snapshot = checkpoint::take(
+            self.settings,
+            engine,
+            &durable.owned,
+            &durable.consumed,
+            wall_ms(),
+        );
+        let (settings, producer) = (self.settings.clone(), self.producer.clone());
+        let (mut acked, failed) = (self.acked.clone(), self.failed.clone());
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                _ = acked.wait_for(|n| *n >= sent) => {}
+                _ = failed.cancelled() => {}
             }
+            if failed.is_cancelled() {
+                return Err(CheckpointError::OutputFailed);
+            }
+            let written = checkpoint::write(&settings, &producer, &snapshot).await?;
+            Ok((written, snapshot))
         });
+        Some(InFlight { task, started })
     }
-    let mut tpl = TopicPartitionList::new();
-    for ((role, p), next) in &durable.consumed {
-        let topic = if *role == ERASURE_ROLE {
-            settings.kafka.topics.erasure.as_str()
-        } else {
-            Source::ALL
-                .into_iter()
-                .find(|s| s.as_str() == *role)
-                .map_or("", |s| settings.topic(s))
-        };
-        if tpl
-            .add_partition_offset(topic, *p, rdkafka::Offset::Offset(*next))
-            .is_err()
-        {
-            continue;
+
+    /// Completes a written checkpoint: its partitions' chains advance, its offsets are
+    /// committed to the group, and the trainer's models are published.
+    async fn finish(
+        &self,
+        outcome: Result<Result<(Written, Snapshot), CheckpointError>, tokio::task::JoinError>,
+        started: Instant,
+        durable: &mut Durable,
+    ) -> Result<(), PipelineError> {
+        let outcome = outcome
+            .map_err(|e| CheckpointError::Task(e.to_string()))
+            .and_then(|r| r);
+        let (written, snapshot) = outcome.inspect_err(|e| {
+            self.metrics.checkpoint_failed();
+            if !matches!(e, CheckpointError::OutputFailed) {
+                self.metrics.producer_error("changelog");
+            }
+            warn!(error = %e, error_code = e.code(), "Checkpoint failed; stopping.");
+        })?;
+        checkpoint::advance(&mut durable.owned, &written);
+        self.metrics.checkpoint_written(
+            started.elapsed().as_secs_f64(),
+            written.partitions,
+            written.full,
+            written.records,
+            written.bytes,
+            snapshot.taken_ms,
+        );
+        debug!(?written, "Checkpoint written.");
+        if let Some(models) = &snapshot.models {
+            let r = FutureRecord::to(&self.settings.kafka.topics.model)
+                .partition(0)
+                .key(checkpoint::MODEL_KEY)
+                .payload(&models[..]);
+            let published = send(self.producer, r).await?;
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                if !matches!(published.await, Ok(Ok(_))) {
+                    metrics.producer_error("model");
+                }
+            });
+        }
+        self.commit(&snapshot);
+        Ok(())
+    }
+
+    /// Commits a checkpoint's input offsets to the group, for lag monitoring and tools; the
+    /// markers stay the truth on restore, so a failed commit is only counted.
+    fn commit(&self, snapshot: &Snapshot) {
+        let mut tpl = TopicPartitionList::new();
+        for (role, p, next) in &snapshot.offsets {
+            let topic = if *role == ERASURE_ROLE {
+                self.settings.kafka.topics.erasure.as_str()
+            } else {
+                Source::ALL
+                    .into_iter()
+                    .find(|s| s.as_str() == *role)
+                    .map_or("", |s| self.settings.topic(s))
+            };
+            let _ = tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*next));
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                self.metrics.commit_failed();
+                debug!(error = %e, "Offset commit after a checkpoint failed.");
+            }
         }
     }
-    if tpl.count() > 0 {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            metrics.commit_failed();
-            debug!(error = %e, "Offset commit after a checkpoint failed; the markers stay the truth.");
+
+    /// Writes a checkpoint now and waits for it (after the one in flight, if any): at shutdown,
+    /// and before answering an erasure.
+    async fn now(
+        &self,
+        in_flight: &mut Option<InFlight>,
+        engine: &mut Engine,
+        durable: &mut Durable,
+        sent: u64,
+    ) -> Result<(), PipelineError> {
+        if let Some(done) = in_flight.take() {
+            self.finish(done.task.await, done.started, durable).await?;
         }
+        if let Some(done) = self.begin(engine, durable, sent) {
+            self.finish(done.task.await, done.started, durable).await?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Handles a request on the erasure topic (key = user id): the user's state leaves memory, the
