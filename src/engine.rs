@@ -174,6 +174,14 @@ enum Visit {
     Kept,
 }
 
+/// The first version of a new user's changes: 1000 × the event-time watermark (ms). Versions
+/// then count up by one per change, so a user erased or evicted and seen again later gets
+/// versions above the ones published before, and subscribers dropping repeats by version keep
+/// their changes.
+fn version_base(watermark_ms: i64) -> i64 {
+    watermark_ms.max(0).saturating_mul(1_000)
+}
+
 /// How far past `max_users` the map may grow (at most) before the least recently seen are
 /// evicted down to `max_users`: 1 %, at least one user.
 fn eviction_slack(max_users: usize) -> usize {
@@ -418,6 +426,7 @@ impl Engine {
             self.remember_category(event);
         }
         let trainer = self.trainer;
+        let version_base = version_base(self.watermark_ms);
         let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
         let step = self.store.update_in(event.user_id(), shard, |state| {
             if state.events > 0 && state.is_duplicate(event.event_id()) {
@@ -429,6 +438,7 @@ impl Engine {
             }
             if state.events == 0 {
                 models.kmeans.offer_user(event.user_id());
+                state.version = version_base;
             }
             models.mature_label(state, t, rules.horizon_ms, trainer);
             if let Some(w) = state.label.as_mut() {
@@ -1369,5 +1379,33 @@ mod tests {
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].user_id, "idle");
         assert!(e.user("idle").is_none() && e.user("busy").is_some());
+    }
+
+    #[test]
+    fn a_user_seen_again_after_erasure_gets_higher_versions() {
+        let mut raw = RawConfig::default();
+        raw.model.init_users = 10;
+        raw.model.init_events = 100;
+        let mut e = Engine::new(&raw.validate().unwrap());
+        let mut t = T0;
+        let mut last = 0;
+        for i in 0..500 {
+            t += 60_000;
+            for c in e
+                .apply(&click(&format!("a{i}"), &format!("u{}", i % 50), t), t)
+                .changes
+            {
+                if c.user_id == "u7" {
+                    assert!(c.version > last);
+                    last = c.version;
+                }
+            }
+        }
+        assert!(last > 0, "u7 was assigned");
+        let erased = e.erase("u7", t).unwrap();
+        assert!(erased.version > last);
+        t += 60_000;
+        e.apply(&click("again", "u7", t), t);
+        assert!(e.user("u7").unwrap().version > erased.version);
     }
 }
