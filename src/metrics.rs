@@ -340,7 +340,7 @@ impl Metrics {
             restore_duration: histogram(
                 &r,
                 "segstream_restore_duration_seconds",
-                "Time to restore one changelog partition.",
+                "Time to restore the changelog partitions of one assignment (read together).",
                 vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
             ),
             restored_users: counter(
@@ -561,10 +561,14 @@ impl Metrics {
     pub fn set_restoring(&self, restoring: bool) {
         self.restoring.set(i64::from(restoring));
     }
-    pub fn restored(&self, seconds: f64, users: usize) {
+    /// One partition restored with `users` users.
+    pub fn restored(&self, users: usize) {
         self.restores.inc();
-        self.restore_duration.observe(seconds);
         self.restored_users.inc_by(users as u64);
+    }
+    /// A restore (the partitions of one assignment, read together) took `seconds`.
+    pub fn restore_took(&self, seconds: f64) {
+        self.restore_duration.observe(seconds);
     }
     pub fn restores_total(&self) -> u64 {
         self.restores.get()

@@ -322,7 +322,7 @@ pub async fn run_with_api(
             }
             if !durable.owned.contains_key(&partition) {
                 if let Err(e) =
-                    restore(settings, &mut engine, &mut durable, &metrics, partition).await
+                    restore(settings, &mut engine, &mut durable, &metrics, &[partition]).await
                 {
                     result = Err(e);
                     break;
@@ -546,53 +546,67 @@ async fn on_rebalance(
             }
         }
         RebalanceEvent::Assigned(partitions) => {
-            for p in partitions {
-                if !durable.owned.contains_key(&p) {
-                    restore(settings, engine, durable, metrics, p).await?;
-                }
-            }
+            let new: Vec<i32> = partitions
+                .into_iter()
+                .filter(|p| !durable.owned.contains_key(p))
+                .collect();
+            restore(settings, engine, durable, metrics, &new).await?;
         }
     }
     Ok(())
 }
 
-/// Restores one partition from the changelog (not ready meanwhile).
+/// Restores partitions from the changelog (not ready meanwhile): all are read at once (the
+/// reads wait on the broker), then installed in turn.
 async fn restore(
     settings: &Settings,
     engine: &mut Engine,
     durable: &mut Durable,
     metrics: &Metrics,
-    partition: i32,
+    partitions: &[i32],
 ) -> Result<(), PipelineError> {
     let started = Instant::now();
     metrics.set_restoring(true);
     metrics.set_ready(false);
-    let s = settings.clone();
-    let restored = tokio::task::spawn_blocking(move || restore_partition(&s, partition))
-        .await
-        .map_err(|e| CheckpointError::Task(e.to_string()));
-    metrics.set_restoring(false);
-    let (restored, global) = restored??;
-    if !durable.global_restored {
-        if let Some(g) = global {
-            engine
-                .restore_global(&g)
-                .map_err(|e| PipelineError::Model(e.to_string()))?;
-            // The published models are at least as new as the checkpoint's.
-            if let Some(m) = &durable.latest_model {
-                engine
-                    .adopt_models(m)
-                    .map_err(|e| PipelineError::Model(e.to_string()))?;
+    let reads: Vec<_> = partitions
+        .iter()
+        .map(|&p| {
+            let s = settings.clone();
+            tokio::task::spawn_blocking(move || restore_partition(&s, p))
+        })
+        .collect();
+    for (&partition, read) in partitions.iter().zip(reads) {
+        let read = read.await.map_err(|e| CheckpointError::Task(e.to_string()));
+        let (restored, global) = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) | Err(e) => {
+                metrics.set_restoring(false);
+                return Err(e.into());
             }
+        };
+        if !durable.global_restored {
+            if let Some(g) = global {
+                engine
+                    .restore_global(&g)
+                    .map_err(|e| PipelineError::Model(e.to_string()))?;
+                // The published models are at least as new as the checkpoint's.
+                if let Some(m) = &durable.latest_model {
+                    engine
+                        .adopt_models(m)
+                        .map_err(|e| PipelineError::Model(e.to_string()))?;
+                }
+            }
+            durable.global_restored = true;
         }
-        durable.global_restored = true;
+        let owned = Owned::from_restored(&restored);
+        let users = restored.users.len();
+        engine.restore_shard(partition, restored.users);
+        durable.owned.insert(partition, owned);
+        engine.set_trainer(durable.is_trainer());
+        metrics.restored(users);
     }
-    let owned = Owned::from_restored(&restored);
-    let users = restored.users.len();
-    engine.restore_shard(partition, restored.users);
-    durable.owned.insert(partition, owned);
-    engine.set_trainer(durable.is_trainer());
-    metrics.restored(started.elapsed().as_secs_f64(), users);
+    metrics.restore_took(started.elapsed().as_secs_f64());
+    metrics.set_restoring(false);
     metrics.set_ready(true);
     Ok(())
 }
