@@ -279,6 +279,118 @@ pub async fn broker(brokers: &str, events: u64, users: usize) -> anyhow::Result<
     })
 }
 
+/// What `bench latency` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LatencyReport {
+    pub rate: u64,
+    pub seconds: u64,
+    pub produced: u64,
+    /// Changes timed (after the first quarter of the run, a warm-up).
+    pub changes: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Produces persona events stamped with their produce time at `rate` per second for `seconds`
+/// while segstream (checkpoints on) runs; a subscriber reads the segment changes and times each
+/// from its causing event's produce time (its `event_time`) to the moment the subscriber has it.
+pub async fn latency(
+    brokers: &str,
+    rate: u64,
+    seconds: u64,
+    users: usize,
+) -> anyhow::Result<LatencyReport> {
+    use crate::app::{create_all_topics, settings_for};
+    use crate::encode::decode_change;
+    use crate::metrics::Metrics;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::producer::FutureRecord;
+    use rdkafka::Message;
+    use tokio_util::sync::CancellationToken;
+
+    let prefix = format!("bench-latency-{}", std::process::id());
+    let settings = settings_for(brokers, &prefix);
+    create_all_topics(&settings, 3).await?;
+    let metrics = Metrics::new();
+    let cancel = CancellationToken::new();
+    let pipeline = {
+        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move { crate::pipeline::run(&s, Engine::new(&s), m, c).await })
+    };
+    let subscriber: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{prefix}-subscriber"))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()?;
+    subscriber.subscribe(&[&settings.kafka.topics.segment_changes])?;
+    while !metrics.is_ready() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let started = crate::pipeline::wall_ms();
+    let warm_until = started + (seconds as i64 * 1_000) / 4;
+    let end = started + seconds as i64 * 1_000;
+    let producing = {
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let producer = crate::kafka::producer(&settings)?;
+            let mut g = Generator::new(3, users, 0.0);
+            g.set_skew(0);
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+            let per_tick = rate as f64 / 100.0;
+            let (mut budget, mut produced) = (0.0, 0u64);
+            while crate::pipeline::wall_ms() < end {
+                tick.tick().await;
+                budget += per_tick;
+                while budget >= 1.0 {
+                    budget -= 1.0;
+                    let r = g.next_record(crate::pipeline::wall_ms(), &settings.decode);
+                    let record = FutureRecord::to(settings.topic(r.source))
+                        .key(r.key.as_bytes())
+                        .payload(&r.payload[..]);
+                    drop(crate::kafka::send(&producer, record).await?);
+                    produced += 1;
+                }
+            }
+            rdkafka::producer::Producer::flush(&producer, std::time::Duration::from_secs(10))?;
+            anyhow::Ok(produced)
+        })
+    };
+    let mut latencies = Vec::new();
+    let deadline = end + 5_000;
+    while crate::pipeline::wall_ms() < deadline {
+        let msg = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.recv());
+        let Ok(Ok(m)) = msg.await else { continue };
+        let now = crate::pipeline::wall_ms();
+        if let Ok(c) = decode_change(m.payload().unwrap_or_default(), settings.output.format) {
+            if c.event_time >= warm_until && c.event_time < end {
+                latencies.push((now - c.event_time) as f64);
+            }
+        }
+    }
+    let produced = producing.await??;
+    cancel.cancel();
+    pipeline.await??;
+    latencies.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(LatencyReport {
+        rate,
+        seconds,
+        produced,
+        changes: latencies.len(),
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
 /// What `bench restore` measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
@@ -348,9 +460,15 @@ pub async fn restore(
     tracing::info!(records = written.records, "Restoring.");
     let mut fresh = Engine::new(&settings);
     let started = Instant::now();
-    for p in 0..partitions {
-        let s = settings.clone();
-        let (restored, _) = tokio::task::spawn_blocking(move || restore_partition(&s, p)).await??;
+    // As the pipeline does on an assignment: every partition read at once, installed in turn.
+    let reads: Vec<_> = (0..partitions)
+        .map(|p| {
+            let s = settings.clone();
+            tokio::task::spawn_blocking(move || restore_partition(&s, p))
+        })
+        .collect();
+    for (p, read) in (0..partitions).zip(reads) {
+        let (restored, _) = read.await??;
         fresh.restore_shard(p, restored.users);
     }
     let restore_seconds = started.elapsed().as_secs_f64();

@@ -87,6 +87,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100_000)]
         users: usize,
     },
+    /// Latency: event produce time to segment change at a subscriber, at a fixed input rate.
+    Latency {
+        /// Bootstrap servers of the broker to measure against.
+        #[arg(long)]
+        brokers: String,
+        /// Input events per second (measure at half of `bench broker`'s segstream rate).
+        #[arg(long, default_value_t = 50_000)]
+        rate: u64,
+        /// Duration of the run; the first quarter is a warm-up.
+        #[arg(long, default_value_t = 40)]
+        seconds: u64,
+        /// Distinct users.
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+    },
     /// Restore time: a full checkpoint of N users to a changelog on a real broker, restored.
     Restore {
         /// Bootstrap servers of the broker to measure against.
@@ -416,6 +431,23 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             println!(
                 "{} threads: {:.0} events/s, {:.0} events/s per core",
                 r.threads, r.events_per_second, r.events_per_second_per_core
+            );
+            Ok(())
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Latency {
+                    brokers,
+                    rate,
+                    seconds,
+                    users,
+                },
+        } => {
+            let r = crate::bench::latency(&brokers, rate, seconds, users).await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            println!(
+                "{} events/s: event -> segment change at a subscriber p50 {:.0} ms, p99 {:.0} ms ({} changes)",
+                r.rate, r.p50_ms, r.p99_ms, r.changes
             );
             Ok(())
         }

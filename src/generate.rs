@@ -146,6 +146,8 @@ pub struct Generator {
     user_persona: Vec<usize>,
     malformed_ratio: f64,
     seq: u64,
+    /// Events are stamped up to this long before the given time.
+    skew_ms: i64,
     sources: Vec<WeightedIndex<f64>>,
     clicks: Vec<WeightedIndex<f64>>,
     social: Vec<WeightedIndex<f64>>,
@@ -169,6 +171,7 @@ impl Generator {
             rng,
             malformed_ratio: malformed_ratio.clamp(0.0, 1.0),
             seq: 0,
+            skew_ms: 2_000,
         }
     }
 
@@ -206,15 +209,24 @@ impl Generator {
         }
     }
 
-    /// The next valid event, stamped a little before `now_ms` (up to 2 s, so some arrive out of
-    /// order, as they do from real producers).
+    /// Stamps events up to `skew_ms` before the time given (default 2 s; 0: exactly then).
+    pub fn set_skew(&mut self, skew_ms: i64) {
+        self.skew_ms = skew_ms;
+    }
+
+    /// The next valid event, stamped a little before `now_ms` (up to 2 s by default, so some
+    /// arrive out of order, as they do from real producers).
     pub fn next_event(&mut self, now_ms: i64) -> Event {
         self.seq += 1;
         let u = self.rng.random_range(0..self.user_persona.len());
         let p = self.user_persona[u];
         let user_id = Self::user_name(u);
         let event_id = format!("ev-{}", self.seq);
-        let event_time = now_ms - self.rng.random_range(0..2_000);
+        let event_time = if self.skew_ms > 0 {
+            now_ms - self.rng.random_range(0..self.skew_ms)
+        } else {
+            now_ms
+        };
         let persona = self.personas[p].clone();
         match self.sources[p].sample(&mut self.rng) {
             0 => {
