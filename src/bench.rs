@@ -293,13 +293,15 @@ pub struct LatencyReport {
 }
 
 /// Produces persona events stamped with their produce time at `rate` per second for `seconds`
-/// while segstream (checkpoints on) runs; a subscriber reads the segment changes and times each
+/// while segstream (checkpoints on; librdkafka's `fetch.wait.max.ms` set to `fetch_wait_ms` if
+/// given) runs; a subscriber reads the segment changes and times each
 /// from its causing event's produce time (its `event_time`) to the moment the subscriber has it.
 pub async fn latency(
     brokers: &str,
     rate: u64,
     seconds: u64,
     users: usize,
+    fetch_wait_ms: Option<u64>,
 ) -> anyhow::Result<LatencyReport> {
     use crate::app::{create_all_topics, settings_for};
     use crate::encode::decode_change;
@@ -310,7 +312,13 @@ pub async fn latency(
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-latency-{}", std::process::id());
-    let settings = settings_for(brokers, &prefix);
+    let mut settings = settings_for(brokers, &prefix);
+    if let Some(wait) = fetch_wait_ms {
+        settings
+            .kafka
+            .consumer_properties
+            .insert("fetch.wait.max.ms".into(), wait.to_string());
+    }
     create_all_topics(&settings, 3).await?;
     let metrics = Metrics::new();
     let cancel = CancellationToken::new();

@@ -101,6 +101,10 @@ pub enum BenchCommand {
         /// Distinct users.
         #[arg(long, default_value_t = 100_000)]
         users: usize,
+        /// librdkafka's fetch.wait.max.ms for segstream's consumer (its default is 500 ms; a
+        /// broker that holds fetches that long adds it to every event's latency at low load).
+        #[arg(long)]
+        fetch_wait_ms: Option<u64>,
     },
     /// Restore time: a full checkpoint of N users to a changelog on a real broker, restored.
     Restore {
@@ -441,9 +445,10 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     rate,
                     seconds,
                     users,
+                    fetch_wait_ms,
                 },
         } => {
-            let r = crate::bench::latency(&brokers, rate, seconds, users).await?;
+            let r = crate::bench::latency(&brokers, rate, seconds, users, fetch_wait_ms).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             println!(
                 "{} events/s: event -> segment change at a subscriber p50 {:.0} ms, p99 {:.0} ms ({} changes)",
