@@ -1,0 +1,132 @@
+//! Micro-benchmarks of the pure core's parts, per operation: decoding per input topic, feature
+//! fusion (apply an event to a user's state, then build its 50-component vector), a k-means step
+//! (nearest centroid + mini-batch learn), an SGD step (predict + train), and a known user's event
+//! through the whole engine, which includes change detection (the decision is not a separate
+//! function). Run: `cargo bench --bench components`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use segstream::config::RawConfig;
+use segstream::decode::Decoder;
+use segstream::engine::Engine;
+use segstream::event::{Event, Source};
+use segstream::features::{FeatureParams, UserState, Vector, DIM};
+use segstream::generate::{Generator, Record};
+use segstream::model::{KMeans, Sgd};
+use std::hint::black_box;
+
+const N: usize = 20_000;
+const T0: i64 = 1_700_000_000_000;
+
+fn records() -> Vec<Record> {
+    let settings = RawConfig::default().validate().unwrap();
+    let mut g = Generator::new(1, 2_000, 0.0);
+    (0..3 * N)
+        .map(|i| g.next_record(T0 + i as i64, &settings.decode))
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let settings = RawConfig::default().validate().unwrap();
+    let decoder = Decoder::new(settings.decode.clone());
+    let all = records();
+    let now = T0 + 3 * N as i64;
+    let mut g = c.benchmark_group("component");
+    g.sample_size(10);
+
+    for source in Source::ALL {
+        let rs: Vec<&Record> = all.iter().filter(|r| r.source == source).collect();
+        g.throughput(Throughput::Elements(rs.len() as u64));
+        g.bench_function(format!("decode_{}", source.as_str()), |b| {
+            b.iter(|| {
+                for r in &rs {
+                    black_box(decoder.decode(r.source, &r.payload, Some(now)).unwrap());
+                }
+            })
+        });
+    }
+
+    let events: Vec<Event> = all
+        .iter()
+        .take(N)
+        .map(|r| decoder.decode(r.source, &r.payload, Some(now)).unwrap())
+        .collect();
+    let params = FeatureParams::new(
+        settings.features.half_lives.map(|d| d.as_millis() as f64),
+        settings.model.seed,
+    );
+    g.throughput(Throughput::Elements(N as u64));
+    g.bench_function("feature_fusion", |b| {
+        b.iter(|| {
+            let mut state = UserState::default();
+            for e in &events {
+                state.apply(e, &params);
+                black_box(state.vector(&params));
+            }
+        })
+    });
+
+    // Points like the model sees: standardised persona vectors.
+    let mut warm = Engine::new(&settings);
+    for e in &events {
+        warm.apply(e, now);
+    }
+    let points: Vec<Vector> = warm
+        .dump()
+        .into_iter()
+        .map(|u| {
+            let mut v = [0.0; DIM];
+            v.copy_from_slice(&u.model_vector);
+            v
+        })
+        .collect();
+    let mut km = KMeans::with_forgetting(6, 42, 400, 64, 7.0 * 86_400_000.0);
+    km.fit(&points);
+    g.throughput(Throughput::Elements(points.len() as u64));
+    g.bench_function("kmeans_step", |b| {
+        b.iter(|| {
+            for (i, z) in points.iter().enumerate() {
+                let n = km.nearest(z).unwrap();
+                km.learn(n.best, z, T0 + i as i64);
+            }
+        })
+    });
+    let mut sgd = Sgd::new(0.05, 1e-4);
+    g.bench_function("sgd_step", |b| {
+        b.iter(|| {
+            for z in &points {
+                let y = black_box(sgd.predict(z));
+                sgd.train(z, y * 0.5 + 1.0);
+            }
+        })
+    });
+
+    // A known user's event through the whole engine: state, models and the change decision.
+    g.throughput(Throughput::Elements(N as u64));
+    let known: Vec<Event> = all
+        .iter()
+        .skip(N)
+        .take(N)
+        .map(|r| decoder.decode(r.source, &r.payload, Some(now)).unwrap())
+        .collect();
+    g.bench_function("engine_apply_known_user", |b| {
+        b.iter_batched(
+            || {
+                let mut e = Engine::new(&settings);
+                for ev in &events {
+                    e.apply(ev, now);
+                }
+                e
+            },
+            |mut e| {
+                for ev in &known {
+                    black_box(e.apply(ev, now));
+                }
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
