@@ -15,8 +15,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// Consumer context: counts rebalances, commits stored offsets synchronously before partitions
-/// are taken away, tracks readiness, and tells the pipeline which partitions came and went.
+/// Consumer context: counts rebalances, tracks readiness, and tells the pipeline which partitions
+/// came and went (with checkpoints) or commits stored offsets before partitions are taken away
+/// (without).
 pub struct SegContext {
     pub metrics: Metrics,
     /// Assignment changes for the pipeline (with checkpoints: restore and release state).
@@ -65,14 +66,20 @@ impl ConsumerContext for SegContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             self.metrics.rebalance("revoke");
-            info!(
-                partitions = tpl.count(),
-                "Partitions revoked; committing stored offsets."
-            );
-            commit_sync(consumer, &self.metrics);
             self.metrics.set_ready(false);
-            if let Some(tx) = &self.rebalances {
-                let _ = tx.send(RebalanceEvent::Revoked(partitions_of(tpl)));
+            match &self.rebalances {
+                // With checkpoints, offsets come from the markers; the pipeline lets the users go.
+                Some(tx) => {
+                    info!(partitions = tpl.count(), "Partitions revoked.");
+                    let _ = tx.send(RebalanceEvent::Revoked(partitions_of(tpl)));
+                }
+                None => {
+                    info!(
+                        partitions = tpl.count(),
+                        "Partitions revoked; committing stored offsets."
+                    );
+                    commit_sync(consumer, &self.metrics);
+                }
             }
         }
     }
