@@ -156,6 +156,8 @@ pub struct Engine {
     /// Whether this engine trains the models (the default) or only applies them: with several
     /// instances, one trains and the others adopt its published models.
     trainer: bool,
+    /// Segment descriptions of one model version.
+    descriptions: std::cell::RefCell<(Option<u64>, Vec<Option<String>>)>,
 }
 
 /// Fits after the seeding one, at 4×, 16× and 64× `init_events`.
@@ -252,6 +254,7 @@ impl Engine {
             fits_left: 1 + REFITS,
             removed: Vec::new(),
             trainer: true,
+            descriptions: Default::default(),
         }
     }
 
@@ -290,6 +293,7 @@ impl Engine {
     pub fn restore_global(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
         let g: GlobalState = serde_json::from_slice(bytes)?;
         self.models = checked(g.models, self.models.kmeans.k())?;
+        self.descriptions.take();
         self.counters = g.counters;
         self.watermark_ms = g.watermark_ms;
         self.next_sweep_ms = g.next_sweep_ms;
@@ -321,6 +325,7 @@ impl Engine {
             self.fits_left = 0;
         }
         self.models = models;
+        self.descriptions.take();
         Ok(())
     }
 
@@ -679,6 +684,19 @@ impl Engine {
 
     /// A description of segment `j` in words, from the features its centroid stands out on.
     pub fn describe(&self, j: usize) -> String {
+        // Descriptions change only with the centroids: cached per model version (a change is
+        // published for about a third of events, and wording one costs microseconds).
+        let version = self.models.kmeans.version();
+        let mut cache = self.descriptions.borrow_mut();
+        if cache.0 != Some(version) {
+            *cache = (Some(version), vec![None; self.models.kmeans.k()]);
+        }
+        cache.1[j]
+            .get_or_insert_with(|| self.describe_now(j))
+            .clone()
+    }
+
+    fn describe_now(&self, j: usize) -> String {
         let Some(c) = self.models.kmeans.centroids() else {
             return String::new();
         };
