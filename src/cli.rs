@@ -416,6 +416,10 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 r.segstream_without_checkpoints_events_per_second,
                 100.0 * r.checkpoint_cost
             );
+            println!(
+                "{:.2} us per message, of which decode + apply {:.2} us",
+                r.pipeline_us_per_message, r.decode_apply_us_per_message
+            );
             Ok(())
         }
         Command::Bench {

@@ -490,6 +490,15 @@ impl Metrics {
     pub fn observe_processing(&self, seconds: f64) {
         self.processing.observe(seconds);
     }
+    /// Mean decode + apply time per message so far (seconds).
+    pub fn processing_mean(&self) -> f64 {
+        let n = self.processing.get_sample_count();
+        if n == 0 {
+            0.0
+        } else {
+            self.processing.get_sample_sum() / n as f64
+        }
+    }
     /// Refreshes the gauges that mirror engine state.
     pub fn set_model_state(
         &self,
