@@ -368,11 +368,16 @@ pub async fn ensure_state_topics(settings: &Settings) -> Result<(), CheckpointEr
     let s = settings.clone();
     let (partitions, missing) = tokio::task::spawn_blocking(move || {
         let t = &s.kafka.topics;
-        let n = partition_count(&s, &t.clickstream)?;
-        let missing: Vec<String> = [&t.changelog, &t.erasure, &t.model]
-            .into_iter()
-            .filter(|topic| partition_count(&s, topic).is_err())
-            .cloned()
+        let names = [&t.clickstream, &t.changelog, &t.erasure, &t.model];
+        let counts = partition_counts(&s, &names.map(String::as_str))?;
+        let n = counts[0].ok_or(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ))?;
+        let missing: Vec<String> = names[1..]
+            .iter()
+            .zip(&counts[1..])
+            .filter(|(_, c)| c.is_none())
+            .map(|(topic, _)| (*topic).clone())
             .collect();
         Ok::<_, KafkaError>((n, missing))
     })
@@ -431,33 +436,38 @@ pub fn model_follower(settings: &Settings) -> Result<StreamConsumer, KafkaError>
     Ok(consumer)
 }
 
-/// Publishes the trainer's models (fire and forget: the next checkpoint publishes newer ones).
+/// Publishes the trainer's models (`Engine::export_models`) to the model topic.
 pub async fn publish_models(
     settings: &Settings,
     producer: &FutureProducer,
-    engine: &Engine,
+    bytes: &[u8],
 ) -> Result<DeliveryFuture, KafkaError> {
-    let bytes = engine.export_models();
     let r = FutureRecord::to(&settings.kafka.topics.model)
         .partition(0)
         .key(MODEL_KEY)
-        .payload(&bytes[..]);
+        .payload(bytes);
     send(producer, r).await
 }
 
-/// Partition count of `topic`, from the cluster's metadata.
-pub fn partition_count(settings: &Settings, topic: &str) -> Result<i32, KafkaError> {
+/// Partition count of each topic (`None`: it does not exist), from one metadata client.
+pub fn partition_counts(
+    settings: &Settings,
+    topics: &[&str],
+) -> Result<Vec<Option<i32>>, KafkaError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &settings.kafka.brokers);
     apply_properties(&mut cfg, &settings.kafka.properties);
     let c: BaseConsumer = cfg.create()?;
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    match md.topics().first() {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-            Ok(t.partitions().len() as i32)
-        }
-        _ => Err(KafkaError::MetadataFetch(
-            RDKafkaErrorCode::UnknownTopicOrPartition,
-        )),
-    }
+    topics
+        .iter()
+        .map(|topic| {
+            let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            Ok(match md.topics().first() {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                    Some(t.partitions().len() as i32)
+                }
+                _ => None,
+            })
+        })
+        .collect()
 }

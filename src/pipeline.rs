@@ -8,7 +8,7 @@
 //! auto-commits stored offsets, and we commit synchronously on revoke and on shutdown.
 
 use crate::checkpoint::{
-    self, model_follower, partition_count, restore_partition, CheckpointError, Owned, Snapshot,
+    self, model_follower, partition_counts, restore_partition, CheckpointError, Owned, Snapshot,
     Written,
 };
 use crate::config::Settings;
@@ -501,14 +501,14 @@ fn check_copartitioned(settings: &Settings) -> Result<(), PipelineError> {
         &t.erasure,
         &t.changelog,
     ];
-    let mut counts = Vec::new();
-    for name in names {
-        counts.push((name, partition_count(settings, name)?));
-    }
-    if counts.iter().any(|(_, n)| *n != counts[0].1) {
+    let counts: Vec<(&str, Option<i32>)> = names
+        .into_iter()
+        .zip(partition_counts(settings, &names)?)
+        .collect();
+    if counts.iter().any(|(_, n)| *n != counts[0].1 || n.is_none()) {
         let found = counts
             .iter()
-            .map(|(t, n)| format!("{t}={n}"))
+            .map(|(t, n)| format!("{t}={}", n.map_or("missing".into(), |n| n.to_string())))
             .collect::<Vec<_>>()
             .join(", ");
         return Err(PipelineError::NotCopartitioned(found));
@@ -694,11 +694,9 @@ impl Writer<'_> {
         );
         debug!(?written, "Checkpoint written.");
         if let Some(models) = &snapshot.models {
-            let r = FutureRecord::to(&self.settings.kafka.topics.model)
-                .partition(0)
-                .key(checkpoint::MODEL_KEY)
-                .payload(&models[..]);
-            let published = send(self.producer, r).await?;
+            // Fire and forget: the next checkpoint publishes newer models.
+            let published =
+                checkpoint::publish_models(self.settings, self.producer, models).await?;
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 if !matches!(published.await, Ok(Ok(_))) {
