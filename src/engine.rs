@@ -457,13 +457,7 @@ impl Engine {
             state.events_in_segment = state.events_in_segment.saturating_add(1);
             let after = state.vector(params);
             models.open_label(state, t, &after);
-            if trainer {
-                models.scaler.observe(&after);
-            }
-            let z = models.scaler.transform(&after);
-            let old = (state.segment, state.predicted_value);
-            state.predicted_value = models.predict(&z);
-            let decision = models.decide(state, &z, t, rules, trainer);
+            let (old, decision) = models.update_user(state, &after, t, rules, trainer);
             let outcome = if late {
                 Outcome::Late { applied: true }
             } else {
@@ -623,18 +617,11 @@ impl Engine {
                     matured += 1;
                 }
                 models.open_label(state, at, &x);
-                // Standardisation, like the centroids, describes the population as of now:
+                // Standardisation and centroids learn from the population as of now, too:
                 // otherwise z-scores (and so descriptions) compare everyone's present with the
-                // moment of their last event, and every segment reads "lapsed".
-                if trainer {
-                    models.scaler.observe(&x);
-                }
-                let z = models.scaler.transform(&x);
-                let old = (state.segment, state.predicted_value);
-                state.predicted_value = models.predict(&z);
-                // The sweep is also a mini-batch over the whole population as of now, so centroids
-                // describe every user's present, not only the recently active users' vectors.
-                let d = models.decide(state, &z, at, rules, trainer);
+                // moment of their last event, and every segment reads "lapsed"; and centroids
+                // would describe only the recently active users' vectors.
+                let (old, d) = models.update_user(state, &x, at, rules, trainer);
                 if account(sizes, values, old, state.predicted_value, d.as_ref()) {
                     flaps += 1;
                 }
@@ -1056,6 +1043,26 @@ impl Models {
                 spend: 0.0,
             }));
         }
+    }
+
+    /// One user's vector `x` at `t` through the models: standardised (the scaler learns from it
+    /// if `learn`), a new predicted value, and the segment decision (k-means learns from it if
+    /// `learn`). Returns the (segment, predicted value) before, and the decision if it changed.
+    fn update_user(
+        &mut self,
+        state: &mut UserState,
+        x: &Vector,
+        t: i64,
+        rules: &Rules,
+        learn: bool,
+    ) -> ((Option<u32>, f64), Option<Decision>) {
+        if learn {
+            self.scaler.observe(x);
+        }
+        let z = self.scaler.transform(x);
+        let old = (state.segment, state.predicted_value);
+        state.predicted_value = self.predict(&z);
+        (old, self.decide(state, &z, t, rules, learn))
     }
 
     /// Learns from `z` (on events) and decides the user's segment, with hysteresis, minimum
