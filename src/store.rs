@@ -33,25 +33,28 @@ impl Store {
     /// Runs `f` on the user's state, creating an empty state for a new user, and marks it
     /// changed. The entry is locked while `f` runs, so `f` must not touch the store.
     pub fn update<R>(&self, user: &str, f: impl FnOnce(&mut UserState) -> R) -> R {
-        if let Some(mut entry) = self.map.get_mut(user) {
-            entry.dirty = true;
-            return f(&mut entry.state);
-        }
-        let mut entry = self.map.entry(UserId::new(user)).or_default();
-        entry.dirty = true;
-        f(&mut entry.state)
+        self.update_entry(user, None, f)
     }
 
     /// [`Store::update`] for an event that arrived on `shard`: the user's checkpoints go there.
     pub fn update_in<R>(&self, user: &str, shard: i32, f: impl FnOnce(&mut UserState) -> R) -> R {
-        if let Some(mut entry) = self.map.get_mut(user) {
-            entry.dirty = true;
-            entry.shard = shard;
-            return f(&mut entry.state);
-        }
-        let mut entry = self.map.entry(UserId::new(user)).or_default();
+        self.update_entry(user, Some(shard), f)
+    }
+
+    fn update_entry<R>(
+        &self,
+        user: &str,
+        shard: Option<i32>,
+        f: impl FnOnce(&mut UserState) -> R,
+    ) -> R {
+        let mut entry = match self.map.get_mut(user) {
+            Some(entry) => entry,
+            None => self.map.entry(UserId::new(user)).or_default(),
+        };
         entry.dirty = true;
-        entry.shard = shard;
+        if let Some(shard) = shard {
+            entry.shard = shard;
+        }
         f(&mut entry.state)
     }
 
