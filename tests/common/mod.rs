@@ -181,7 +181,11 @@ pub fn committed(settings: &Settings, partitions: i32) -> HashMap<(Source, i32),
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub async fn wait_for(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    poll_until(timeout, Duration::from_millis(20), cond).await
+}
+
+async fn poll_until(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -190,7 +194,7 @@ pub async fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -332,17 +336,8 @@ pub async fn wait_for_metric(port: u16, family: &str, at_least: f64) -> bool {
 }
 
 /// [`wait_for`] for conditions that do blocking I/O: polled every 200 ms.
-pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+pub async fn wait_until(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    poll_until(timeout, Duration::from_millis(200), cond).await
 }
 
 /// Next offset after the last record sent, per (source, partition).
