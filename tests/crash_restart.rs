@@ -8,17 +8,12 @@ mod common;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use segstream::engine::Engine;
 use segstream::generate::Generator;
-use segstream::metrics::Metrics;
-use segstream::pipeline::{
-    self, wall_ms, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC,
-};
+use segstream::pipeline::{wall_ms, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(120);
 const PARTITIONS: i32 = 3;
@@ -142,12 +137,7 @@ async fn sigterm_checkpoints_and_the_next_run_continues_exactly() {
     assert!(done > 0 && done <= total);
 
     // A restart consumes exactly the rest: nothing read twice, nothing skipped.
-    let metrics = Metrics::new();
-    let cancel = CancellationToken::new();
-    let task = {
-        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, Engine::new(&s), m, c).await })
-    };
+    let (metrics, _, cancel, task) = start(&settings);
     if done < total {
         assert!(wait_for(PATIENCE, || metrics.consumed_total() >= total - done).await);
     } else {

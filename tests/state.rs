@@ -7,16 +7,13 @@ mod common;
 use common::*;
 use rdkafka::producer::{FutureRecord, Producer};
 use segstream::config::{Settings, WireFormat};
-use segstream::encode::{decode_change, encode_event};
-use segstream::engine::Engine;
+use segstream::encode::encode_event;
 use segstream::event::{ChangeReason, ClickEvent, ClickKind, Event, Source};
 use segstream::generate::Generator;
-use segstream::metrics::Metrics;
-use segstream::pipeline::{self, wall_ms};
+use segstream::pipeline::wall_ms;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(120);
 
@@ -146,26 +143,6 @@ async fn two_instances_share_one_model_and_one_takes_over_the_others_state() {
     assert_same_state(&settings, &got, &uninterrupted(&settings, &sent));
 }
 
-/// Runs an in-process pipeline; returns its metrics, a handle on its user map and the task.
-fn start(
-    settings: &Settings,
-) -> (
-    Metrics,
-    Arc<segstream::store::Store>,
-    CancellationToken,
-    tokio::task::JoinHandle<Result<Engine, pipeline::PipelineError>>,
-) {
-    let engine = Engine::new(settings);
-    let store = engine.store();
-    let metrics = Metrics::new();
-    let cancel = CancellationToken::new();
-    let task = {
-        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
-        tokio::spawn(async move { pipeline::run(&s, engine, m, c).await })
-    };
-    (metrics, store, cancel, task)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_on_the_topic_removes_every_trace_including_after_a_restart() {
     let settings = fresh_settings("erase", 2).await;
@@ -248,17 +225,12 @@ async fn erasure_on_the_topic_removes_every_trace_including_after_a_restart() {
     task.await.unwrap().unwrap();
 
     // Exactly one `erased` change, for the victim.
-    let changes = read_topic(
+    let erased = changes_with_reason(
         &settings,
-        &settings.kafka.topics.segment_changes,
+        ChangeReason::Erased,
         usize::MAX,
         Duration::from_secs(5),
     );
-    let erased: Vec<_> = changes
-        .iter()
-        .map(|c| decode_change(&c.payload, WireFormat::Avro).unwrap())
-        .filter(|c| c.reason == ChangeReason::Erased)
-        .collect();
     assert_eq!(erased.len(), 1);
     assert_eq!(erased[0].user_id, victim);
 }
@@ -295,17 +267,13 @@ async fn ten_times_max_users_stays_bounded_and_evictions_are_published() {
     assert!(evicted as usize >= distinct - bound, "{evicted} evictions");
 
     // Each eviction is published, and the changelog holds only the users still in memory.
-    let changes = read_topic(
+    let published = changes_with_reason(
         &settings,
-        &settings.kafka.topics.segment_changes,
+        ChangeReason::Evicted,
         usize::MAX,
         Duration::from_secs(5),
-    );
-    let published = changes
-        .iter()
-        .map(|c| decode_change(&c.payload, WireFormat::Avro).unwrap())
-        .filter(|c| c.reason == ChangeReason::Evicted)
-        .count();
+    )
+    .len();
     assert_eq!(published as u64, evicted);
     assert_eq!(restore_all(&settings, 2).len(), engine.users());
 }

@@ -416,3 +416,38 @@ pub fn assert_same_state(
         }
     }
 }
+
+/// The segment changes published so far with `reason` (reads the output topic for `wait`).
+pub fn changes_with_reason(
+    settings: &Settings,
+    reason: segstream::event::ChangeReason,
+    want: usize,
+    wait: Duration,
+) -> Vec<segstream::event::SegmentChange> {
+    read_topic(settings, &settings.kafka.topics.segment_changes, want, wait)
+        .iter()
+        .map(|c| segstream::encode::decode_change(&c.payload, settings.output.format).unwrap())
+        .filter(|c| c.reason == reason)
+        .collect()
+}
+
+/// An in-process pipeline on a fresh engine: its metrics, a handle on its user map, the token
+/// that stops it, and the task (which returns the engine).
+pub fn start(
+    settings: &Settings,
+) -> (
+    segstream::metrics::Metrics,
+    std::sync::Arc<segstream::store::Store>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<Engine, segstream::pipeline::PipelineError>>,
+) {
+    let engine = Engine::new(settings);
+    let store = engine.store();
+    let metrics = segstream::metrics::Metrics::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = {
+        let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move { segstream::pipeline::run(&s, engine, m, c).await })
+    };
+    (metrics, store, cancel, task)
+}
