@@ -432,6 +432,7 @@ impl Engine {
         }
         let trainer = self.trainer;
         let version_base = version_base(self.watermark_ms);
+        let mut new_user = false;
         let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
         let step = self.store.update_in(event.user_id(), shard, |state| {
             if state.events > 0 && state.is_duplicate(event.event_id()) {
@@ -442,6 +443,7 @@ impl Engine {
                 return Err(Outcome::Late { applied: false });
             }
             if state.events == 0 {
+                new_user = true;
                 models.kmeans.offer_user(event.user_id());
                 state.version = version_base;
             }
@@ -492,7 +494,11 @@ impl Engine {
         if self.watermark_ms >= self.next_sweep_ms {
             changes.extend(self.sweep(now_ms));
         }
-        if self.store.len() >= self.rules.max_users + eviction_slack(self.rules.max_users) {
+        // Only a new user can take the map past its bound (and counting the map locks each of
+        // its shards: not something to do per event).
+        if new_user
+            && self.store.len() >= self.rules.max_users + eviction_slack(self.rules.max_users)
+        {
             changes.extend(self.evict_least_recent(now_ms));
         }
         Applied { outcome, changes }
