@@ -1,5 +1,6 @@
 //! Kafka clients built from [`Settings`]: the consumer (at-least-once offset handling, commits on
-//! revoke), the producer, and topic creation. The only module besides `pipeline` that knows
+//! revoke, or a revoke handed to the pipeline to checkpoint first), the producer, and topic
+//! creation. The only module besides `pipeline` that knows
 //! rdkafka.
 
 use crate::config::Settings;
@@ -7,10 +8,13 @@ use crate::metrics::Metrics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::ClientContext;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -28,7 +32,12 @@ pub struct SegContext {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RebalanceEvent {
     Assigned(Vec<i32>),
+    /// The partitions stay assigned (paused) until the pipeline has checkpointed them and calls
+    /// `unassign()`: the group waits for that before it moves them (librdkafka's
+    /// wait-unassign-call state), so their next owner starts exactly where this one stopped.
     Revoked(Vec<i32>),
+    /// Already taken away: the users are released without a checkpoint.
+    Released(Vec<i32>),
 }
 
 fn partitions_of(tpl: &rdkafka::TopicPartitionList) -> Vec<i32> {
@@ -63,15 +72,62 @@ impl ClientContext for SegContext {
 }
 
 impl ConsumerContext for SegContext {
+    /// librdkafka's default, except that with checkpoints an eager revoke is not carried out
+    /// here: the pipeline checkpoints the partitions, then unassigns them (the callback runs
+    /// inside the pipeline's own `recv()`, where nothing can be written). If the pipeline is
+    /// gone (shutting down), the revoke is carried out at once.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let protocol = consumer.rebalance_protocol();
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let (Some(tx), RebalanceProtocol::Eager) = (&self.rebalances, &protocol) {
+                    if tx.send(RebalanceEvent::Revoked(partitions_of(tpl))).is_ok() {
+                        self.metrics.rebalance("revoke");
+                        self.metrics.set_ready(false);
+                        info!(
+                            partitions = tpl.count(),
+                            "Partitions revoked; checkpointing them before letting go."
+                        );
+                        return;
+                    }
+                }
+                Rebalance::Revoke(tpl)
+            }
+            e => Rebalance::Error(KafkaError::Rebalance(e.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let done = match (err, &protocol) {
+            (
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS,
+                RebalanceProtocol::Cooperative,
+            ) => consumer.incremental_assign(tpl),
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, _) => consumer.assign(tpl),
+            (_, RebalanceProtocol::Cooperative) => consumer.incremental_unassign(tpl),
+            _ => consumer.unassign(),
+        };
+        if let Err(e) = done {
+            warn!(error = %e, "Could not apply the rebalance.");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             self.metrics.rebalance("revoke");
             self.metrics.set_ready(false);
             match &self.rebalances {
-                // With checkpoints, offsets come from the markers; the pipeline lets the users go.
+                // With checkpoints but nobody to checkpoint (shutting down) or a cooperative
+                // protocol: the pipeline only lets the users go; their next owner restores the
+                // last checkpoint.
                 Some(tx) => {
                     info!(partitions = tpl.count(), "Partitions revoked.");
-                    let _ = tx.send(RebalanceEvent::Revoked(partitions_of(tpl)));
+                    let _ = tx.send(RebalanceEvent::Released(partitions_of(tpl)));
                 }
                 None => {
                     info!(

@@ -222,7 +222,8 @@ pub async fn run_with_api(
             _ = cancel.cancelled() => break,
             _ = failed.cancelled() => break,
             Some(event) = rebalances.recv() => {
-                if let Err(e) = on_rebalance(event, settings, &mut engine, &mut durable, &metrics).await {
+                let done = writer.rebalance(event, &mut in_flight, &mut engine, &mut durable, sent).await;
+                if let Err(e) = done {
                     result = Err(e);
                     break;
                 }
@@ -248,7 +249,7 @@ pub async fn run_with_api(
             }
             done = async { (&mut in_flight.as_mut().expect("guarded").task).await }, if in_flight.is_some() => {
                 let started = in_flight.take().expect("guarded").started;
-                if let Err(e) = writer.finish(done, started, &mut durable).await {
+                if let Err(e) = writer.finish(done, started, &mut durable, CommitMode::Async).await {
                     result = Err(e);
                     break;
                 }
@@ -280,7 +281,7 @@ pub async fn run_with_api(
                 sent += 1;
                 // The erasure is durable once a checkpoint carries the removal: answer then.
                 if known && durable_state {
-                    let done = writer.now(&mut in_flight, &mut engine, &mut durable, sent).await;
+                    let done = writer.now(&mut in_flight, &mut engine, &mut durable, sent, CommitMode::Async).await;
                     if let Err(e) = done {
                         result = Err(e);
                         break;
@@ -313,9 +314,10 @@ pub async fn run_with_api(
         if durable_state {
             // Assignment changes are announced before the new partitions' messages arrive.
             while let Ok(event) = rebalances.try_recv() {
-                if let Err(e) =
-                    on_rebalance(event, settings, &mut engine, &mut durable, &metrics).await
-                {
+                let done = writer
+                    .rebalance(event, &mut in_flight, &mut engine, &mut durable, sent)
+                    .await;
+                if let Err(e) = done {
                     result = Err(e);
                     break 'consume;
                 }
@@ -450,7 +452,13 @@ pub async fn run_with_api(
     if durable_state && result.is_ok() {
         // Every output is delivered by now; the checkpoint makes a restart start right here.
         if let Err(e) = writer
-            .now(&mut in_flight, &mut engine, &mut durable, sent)
+            .now(
+                &mut in_flight,
+                &mut engine,
+                &mut durable,
+                sent,
+                CommitMode::Sync,
+            )
             .await
         {
             result = Err(e);
@@ -463,6 +471,12 @@ pub async fn run_with_api(
     }
     if !durable_state {
         commit_sync(consumer.as_ref(), &metrics);
+    }
+    // A revoke still waiting for its checkpoint is carried out now (the last checkpoint above
+    // covers it); later ones during the close are carried out by the consumer context.
+    drop(rebalances);
+    if durable_state {
+        let _ = consumer.unassign();
     }
     consumer.unsubscribe();
     refresh_gauges(&metrics, &mut mirror, &engine);
@@ -516,46 +530,32 @@ fn check_copartitioned(settings: &Settings) -> Result<(), PipelineError> {
     Ok(())
 }
 
-/// Applies an assignment change: restores newly assigned partitions before their messages are
-/// read; lets go of revoked partitions' users (their next owner restores them from the
-/// changelog and re-reads the input since its last marker).
-async fn on_rebalance(
-    event: RebalanceEvent,
-    settings: &Settings,
+/// Lets go of revoked partitions' users (their next owner restores them from the changelog and
+/// reads the input from its last marker on).
+fn release(
+    partitions: Vec<i32>,
     engine: &mut Engine,
     durable: &mut Durable,
-    metrics: &Metrics,
 ) -> Result<(), PipelineError> {
-    match event {
-        RebalanceEvent::Revoked(partitions) => {
-            for p in partitions {
-                if durable.owned.remove(&p).is_some() {
-                    if engine.is_trainer() && !durable.is_trainer() {
-                        // The next trainer starts from the last published models: so do we,
-                        // or our unpublished steps would make one model version mean two models.
-                        if let Some(m) = &durable.latest_model {
-                            engine
-                                .adopt_models(m)
-                                .map_err(|e| PipelineError::Model(e.to_string()))?;
-                        }
-                    }
-                    engine.set_trainer(durable.is_trainer());
-                    let released = engine.release_shard(p);
-                    durable.consumed.retain(|(_, q), _| *q != p);
-                    info!(
-                        partition = p,
-                        users = released,
-                        "Released a revoked partition."
-                    );
+    for p in partitions {
+        if durable.owned.remove(&p).is_some() {
+            if engine.is_trainer() && !durable.is_trainer() {
+                // The next trainer starts from the last published models: so do we,
+                // or our unpublished steps would make one model version mean two models.
+                if let Some(m) = &durable.latest_model {
+                    engine
+                        .adopt_models(m)
+                        .map_err(|e| PipelineError::Model(e.to_string()))?;
                 }
             }
-        }
-        RebalanceEvent::Assigned(partitions) => {
-            let new: Vec<i32> = partitions
-                .into_iter()
-                .filter(|p| !durable.owned.contains_key(p))
-                .collect();
-            restore(settings, engine, durable, metrics, &new).await?;
+            engine.set_trainer(durable.is_trainer());
+            let released = engine.release_shard(p);
+            durable.consumed.retain(|(_, q), _| *q != p);
+            info!(
+                partition = p,
+                users = released,
+                "Released a revoked partition."
+            );
         }
     }
     Ok(())
@@ -672,6 +672,7 @@ impl Writer<'_> {
         outcome: Result<Result<(Written, Snapshot), CheckpointError>, tokio::task::JoinError>,
         started: Instant,
         durable: &mut Durable,
+        commit: CommitMode,
     ) -> Result<(), PipelineError> {
         let outcome = outcome
             .map_err(|e| CheckpointError::Task(e.to_string()))
@@ -704,13 +705,13 @@ impl Writer<'_> {
                 }
             });
         }
-        self.commit(&snapshot);
+        self.commit(&snapshot, commit);
         Ok(())
     }
 
     /// Commits a checkpoint's input offsets to the group, for lag monitoring and tools; the
     /// markers stay the truth on restore, so a failed commit is only counted.
-    fn commit(&self, snapshot: &Snapshot) {
+    fn commit(&self, snapshot: &Snapshot, mode: CommitMode) {
         let mut tpl = TopicPartitionList::new();
         for (role, p, next) in &snapshot.offsets {
             let topic = if *role == ERASURE_ROLE {
@@ -724,27 +725,66 @@ impl Writer<'_> {
             let _ = tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*next));
         }
         if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            if let Err(e) = self.consumer.commit(&tpl, mode) {
                 self.metrics.commit_failed();
                 debug!(error = %e, "Offset commit after a checkpoint failed.");
             }
         }
     }
 
-    /// Writes a checkpoint now and waits for it (after the one in flight, if any): at shutdown,
-    /// and before answering an erasure.
+    /// Applies an assignment change. Assigned partitions are restored before their messages are
+    /// read. Revoked ones are checkpointed (with every output sent so far delivered and the
+    /// offsets committed), released, and only then unassigned, so their next owner starts where
+    /// this instance stopped; partitions already taken away are only released.
+    async fn rebalance(
+        &self,
+        event: RebalanceEvent,
+        in_flight: &mut Option<InFlight>,
+        engine: &mut Engine,
+        durable: &mut Durable,
+        sent: u64,
+    ) -> Result<(), PipelineError> {
+        match event {
+            RebalanceEvent::Assigned(partitions) => {
+                let new: Vec<i32> = partitions
+                    .into_iter()
+                    .filter(|p| !durable.owned.contains_key(p))
+                    .collect();
+                restore(self.settings, engine, durable, self.metrics, &new).await
+            }
+            RebalanceEvent::Revoked(partitions) => {
+                let checkpointed = self
+                    .now(in_flight, engine, durable, sent, CommitMode::Sync)
+                    .await;
+                release(partitions, engine, durable)?;
+                // Unassigned even if the checkpoint failed (the error stops the pipeline): the
+                // group must not wait for this instance.
+                if let Err(e) = self.consumer.unassign() {
+                    warn!(error = %e, "Could not unassign the revoked partitions.");
+                }
+                checkpointed
+            }
+            RebalanceEvent::Released(partitions) => release(partitions, engine, durable),
+        }
+    }
+
+    /// Writes a checkpoint now and waits for it (after the one in flight, if any): at shutdown
+    /// and on revoke (offsets committed synchronously), and before answering an erasure.
     async fn now(
         &self,
         in_flight: &mut Option<InFlight>,
         engine: &mut Engine,
         durable: &mut Durable,
         sent: u64,
+        commit: CommitMode,
     ) -> Result<(), PipelineError> {
         if let Some(done) = in_flight.take() {
-            self.finish(done.task.await, done.started, durable).await?;
+            self.finish(done.task.await, done.started, durable, CommitMode::Async)
+                .await?;
         }
         if let Some(done) = self.begin(engine, durable, sent) {
-            self.finish(done.task.await, done.started, durable).await?;
+            self.finish(done.task.await, done.started, durable, commit)
+                .await?;
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Durable, shared and bounded state against the real broker: two instances in one group (one
-//! model, a take-over with state after `kill -9`), erasure through the erasure topic (gone from
+//! model, a take-over with state after `kill -9`, a hand-over with a checkpoint on revoke), erasure through the erasure topic (gone from
 //! memory, the changelog and a restart), `max_users` eviction, and a broker outage.
 
 mod common;
@@ -139,6 +139,62 @@ async fn two_instances_share_one_model_and_one_takes_over_the_others_state() {
     assert!(terminate(&mut a).success());
 
     // Nothing lost, nothing counted twice, across the split and the take-over.
+    let got = restore_all(&settings, PARTITIONS);
+    assert_same_state(&settings, &got, &uninterrupted(&settings, &sent));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_checkpoints_the_revoked_partitions_so_nothing_is_read_twice() {
+    const PARTITIONS: i32 = 4;
+    let mut settings = fresh_settings("handover", PARTITIONS).await;
+    // No periodic checkpoint during the test: only the one taken on revoke can hand the state
+    // over.
+    settings.state.checkpoint_interval = Duration::from_secs(3600);
+    let mut g = Generator::new(12, 300, 0.0);
+    let sent = produce(
+        &settings,
+        (0..4_000)
+            .map(|_| g.next_record(wall_ms(), &settings.decode))
+            .collect(),
+    )
+    .await;
+    let (metrics_a, store_a, cancel_a, task_a) = start(&settings);
+    assert!(wait_for(PATIENCE, || metrics_a.consumed_total() == sent.len() as u64).await);
+    let users = store_a.len();
+
+    // A second instance joins: the first checkpoints all four partitions on revoke, then each
+    // restores its new share from those checkpoints and reads on from their markers.
+    let (metrics_b, store_b, cancel_b, task_b) = start(&settings);
+    let settled = wait_for(PATIENCE, || {
+        metrics_b.restores_total() > 0
+            && metrics_a.restores_total() > PARTITIONS as u64
+            && store_a.len() + store_b.len() == users
+    })
+    .await;
+    assert!(settled, "the partitions were split, with their users");
+    assert!(!store_a.is_empty() && !store_b.is_empty());
+    // Give a re-read (if there were one) time to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        metrics_b.consumed_total(),
+        0,
+        "the new owner re-read nothing"
+    );
+    assert_eq!(
+        metrics_a.consumed_total(),
+        sent.len() as u64,
+        "nor did the old one"
+    );
+    assert_eq!(metrics_a.skipped_total() + metrics_b.skipped_total(), 0);
+    assert_eq!(
+        metrics_a.restored_users_total() + metrics_b.restored_users_total(),
+        users as u64,
+        "every user was handed over through the changelog"
+    );
+    cancel_b.cancel();
+    task_b.await.unwrap().unwrap();
+    cancel_a.cancel();
+    task_a.await.unwrap().unwrap();
     let got = restore_all(&settings, PARTITIONS);
     assert_same_state(&settings, &got, &uninterrupted(&settings, &sent));
 }
