@@ -93,9 +93,9 @@ pub fn encode_user(state: &UserState) -> Vec<u8> {
     out
 }
 
-pub fn decode_user(bytes: &[u8]) -> Result<UserState, ChangelogError> {
+pub fn decode_user(bytes: &[u8]) -> Result<Box<UserState>, ChangelogError> {
     match bytes.split_first() {
-        Some((&USER_FORMAT, rest)) => Ok(postcard::from_bytes(rest)?),
+        Some((&USER_FORMAT, rest)) => Ok(Box::new(postcard::from_bytes(rest)?)),
         Some((b, _)) => Err(ChangelogError::Format(*b)),
         None => Err(ChangelogError::Format(0)),
     }
@@ -112,7 +112,7 @@ pub fn decode_marker(bytes: &[u8]) -> Result<Marker, ChangelogError> {
 /// What restoring one partition produced.
 #[derive(Debug, Default)]
 pub struct Restored {
-    pub users: Vec<(UserId, UserState)>,
+    pub users: Vec<(UserId, Box<UserState>)>,
     /// The accepted marker the state is as of; `None` if the partition has no checkpoint.
     pub marker: Option<Marker>,
     /// The highest epoch any writer used: the next owner writes with one more.
@@ -130,17 +130,19 @@ pub struct RestoreStats {
     pub discarded_records: u64,
 }
 
-/// A user record as read: key and value (`None`: a removal).
-type RawRecord = (Vec<u8>, Option<Vec<u8>>);
+/// A user record as read, decoded (a decoding error counts only if its checkpoint is accepted):
+/// the user and its state (`None`: a removal).
+type PendingRecord = (UserId, Option<Result<Box<UserState>, ChangelogError>>);
 
 /// Reads one changelog partition in log order; see the module documentation for the rules.
 #[derive(Default)]
 pub struct Restorer {
-    users: HashMap<UserId, UserState, ahash::RandomState>,
+    users: HashMap<UserId, Box<UserState>, ahash::RandomState>,
     current: Option<Marker>,
     max_epoch: u64,
-    /// Records since each epoch's last marker, undecoded: only accepted ones are decoded.
-    pending: HashMap<u64, Vec<RawRecord>>,
+    /// Records since each epoch's last marker. Decoded as they arrive (the bytes are not kept:
+    /// at a million users that copy and its page faults were most of a restore's time).
+    pending: HashMap<u64, Vec<PendingRecord>>,
     stats: RestoreStats,
 }
 
@@ -148,10 +150,11 @@ impl Restorer {
     /// A user record: `value` is `None` for a tombstone.
     pub fn user(&mut self, epoch: u64, key: &[u8], value: Option<&[u8]>) {
         self.stats.records += 1;
+        let id = UserId::new(&String::from_utf8_lossy(key));
         self.pending
             .entry(epoch)
             .or_default()
-            .push((key.to_vec(), value.map(<[u8]>::to_vec)));
+            .push((id, value.map(decode_user)));
     }
 
     /// A marker; returns whether it was accepted (its checkpoint is now the state).
@@ -179,12 +182,12 @@ impl Restorer {
         }
         if m.full {
             self.users.clear();
+            self.users.reserve(pending.len());
         }
-        for (key, value) in pending {
-            let id = UserId::new(&String::from_utf8_lossy(&key));
+        for (id, value) in pending {
             match value {
-                Some(v) => {
-                    self.users.insert(id, decode_user(&v)?);
+                Some(state) => {
+                    self.users.insert(id, state?);
                 }
                 None => {
                     self.users.remove(&id);
@@ -248,7 +251,7 @@ mod tests {
         s.anchor_ms = 1_700_000_000_123;
         s.predicted_value = 0.1 + 0.2;
         s.segment = Some(3);
-        assert_eq!(decode_user(&encode_user(&s)).unwrap(), s);
+        assert_eq!(*decode_user(&encode_user(&s)).unwrap(), s);
         assert!(decode_user(&[9, 1, 2]).is_err());
         assert!(decode_user(&[]).is_err());
     }

@@ -111,8 +111,8 @@ pub fn restore_partition(
         .set("group.id", format!("{}-restore", settings.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("fetch.max.bytes", "52428800")
-        .set("max.partition.fetch.bytes", "52428800");
+        .set("fetch.max.bytes", "4194304")
+        .set("max.partition.fetch.bytes", "4194304");
     apply_properties(&mut cfg, &settings.kafka.properties);
     let consumer: BaseConsumer<EndOfLog> = cfg.create_with_context(EndOfLog)?;
     let topic = &settings.kafka.topics.changelog;

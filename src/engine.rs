@@ -356,7 +356,7 @@ impl Engine {
     }
 
     /// Installs the users a shard's changelog restored (replacing any held).
-    pub fn restore_shard(&mut self, shard: i32, users: Vec<(UserId, UserState)>) {
+    pub fn restore_shard(&mut self, shard: i32, users: Vec<(UserId, Box<UserState>)>) {
         for (id, state) in users {
             self.count_in(&state);
             self.models.kmeans.offer_user(id.as_str());
@@ -1291,7 +1291,7 @@ mod tests {
                     Some(b) => {
                         into.insert(
                             id.as_str().to_owned(),
-                            crate::changelog::decode_user(b).unwrap(),
+                            *crate::changelog::decode_user(b).unwrap(),
                         );
                     }
                     None => {
@@ -1347,6 +1347,7 @@ mod tests {
                 .snapshot()
                 .into_iter()
                 .filter(|(id, _)| (id.as_str().len() % 3) as i32 == shard)
+                .map(|(id, s)| (id, Box::new(s)))
                 .collect();
             r.restore_shard(shard, users);
         }

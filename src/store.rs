@@ -17,7 +17,9 @@ impl Borrow<str> for UserId {
 
 #[derive(Default)]
 struct Entry {
-    state: UserState,
+    /// Boxed: the map's slots stay small, so growing it moves pointers, not states, and its
+    /// spare capacity costs bytes per slot instead of a state's size.
+    state: Box<UserState>,
     shard: i32,
     dirty: bool,
 }
@@ -60,16 +62,21 @@ impl Store {
 
     /// A copy of one user's state.
     pub fn get(&self, user: &str) -> Option<UserState> {
-        self.map.get(user).map(|e| e.state.clone())
+        self.map.get(user).map(|e| (*e.state).clone())
     }
 
     /// Removes a user; returns its shard and the state it had.
-    pub fn remove(&self, user: &str) -> Option<(i32, UserState)> {
+    pub fn remove(&self, user: &str) -> Option<(i32, Box<UserState>)> {
         self.map.remove(user).map(|(_, e)| (e.shard, e.state))
     }
 
     /// Inserts a restored state, not marked changed (it is what the changelog holds).
-    pub fn insert(&self, user: UserId, shard: i32, state: UserState) -> Option<UserState> {
+    pub fn insert(
+        &self,
+        user: UserId,
+        shard: i32,
+        state: Box<UserState>,
+    ) -> Option<Box<UserState>> {
         self.map
             .insert(
                 user,
@@ -95,7 +102,7 @@ impl Store {
         let mut all: Vec<_> = self
             .map
             .iter()
-            .map(|e| (e.key().clone(), e.value().state.clone()))
+            .map(|e| (e.key().clone(), (*e.value().state).clone()))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -130,7 +137,7 @@ impl Store {
     }
 
     /// Removes every user of `shard`; returns their states.
-    pub fn remove_shard(&self, shard: i32) -> Vec<UserState> {
+    pub fn remove_shard(&self, shard: i32) -> Vec<Box<UserState>> {
         let mut out = Vec::new();
         self.map.retain(|_, e| {
             if e.shard == shard {

@@ -357,7 +357,7 @@ pub fn restore_all(settings: &Settings, partitions: i32) -> HashMap<String, User
         let (restored, _) = restore_partition(settings, p).unwrap();
         assert!(restored.marker.is_some(), "partition {p} has a checkpoint");
         for (id, state) in restored.users {
-            assert!(out.insert(id.as_str().to_owned(), state).is_none());
+            assert!(out.insert(id.as_str().to_owned(), *state).is_none());
         }
     }
     out
