@@ -203,7 +203,12 @@ pub struct BrokerReport {
 /// Produces `events` persona records to fresh topics on `brokers`, then times a bare consumer
 /// (reads and counts) and the segstream pipeline (consumes, decodes, applies, publishes changes,
 /// stores offsets) over all of them, each from a fresh consumer group.
-pub async fn broker(brokers: &str, events: u64, users: usize) -> anyhow::Result<BrokerReport> {
+pub async fn broker(
+    brokers: &str,
+    events: u64,
+    users: usize,
+    consumer_properties: &[(String, String)],
+) -> anyhow::Result<BrokerReport> {
     use crate::app::{create_all_topics, generate, settings_for, GenerateOptions};
     use crate::event::Source;
     use crate::metrics::Metrics;
@@ -211,7 +216,11 @@ pub async fn broker(brokers: &str, events: u64, users: usize) -> anyhow::Result<
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-{}", std::process::id());
-    let settings = settings_for(brokers, &prefix);
+    let mut settings = settings_for(brokers, &prefix);
+    settings
+        .kafka
+        .consumer_properties
+        .extend(consumer_properties.iter().cloned());
     create_all_topics(&settings, 3).await?;
     let opts = GenerateOptions {
         rate: 0,

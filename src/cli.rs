@@ -86,6 +86,10 @@ pub enum BenchCommand {
         /// Distinct users in the traffic (each one's first assignment is a published change).
         #[arg(long, default_value_t = 100_000)]
         users: usize,
+        /// A librdkafka property for both consumers (bare and segstream's), `KEY=VALUE`;
+        /// repeatable. To measure consumer tuning.
+        #[arg(long = "consumer-property", value_parser = parse_property)]
+        consumer_properties: Vec<(String, String)>,
     },
     /// Latency: event produce time to segment change at a subscriber, at a fixed input rate.
     Latency {
@@ -403,9 +407,10 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     brokers,
                     events,
                     users,
+                    consumer_properties,
                 },
         } => {
-            let r = crate::bench::broker(&brokers, events, users).await?;
+            let r = crate::bench::broker(&brokers, events, users, &consumer_properties).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             println!(
                 "bare consumer {:.0} events/s, segstream {:.0} events/s: ratio {:.2}",
@@ -506,4 +511,12 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `KEY=VALUE` into its two halves.
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
