@@ -216,81 +216,98 @@ pub async fn run_with_api(
     let mut limiter = LogLimiter::default();
     let mut mirror = Mirror::default();
     let mut result = Ok(());
+    let mut burst = 0;
     'consume: loop {
-        let msg = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            _ = failed.cancelled() => break,
-            Some(event) = rebalances.recv() => {
-                let done = writer.rebalance(event, &mut in_flight, &mut engine, &mut durable, sent).await;
-                if let Err(e) = done {
-                    result = Err(e);
-                    break;
-                }
-                continue;
-            }
-            _ = gauges.tick() => {
-                refresh_gauges(&metrics, &mut mirror, &engine);
-                link.publish(&engine);
-                continue;
-            }
-            Some(m) = async { match &models_in { Some(c) => Some(c.recv().await), None => None } } => {
-                if let Ok(m) = m {
-                    if let Some(bytes) = m.payload() {
-                        if !engine.is_trainer() {
-                            if let Err(e) = engine.adopt_models(bytes) {
-                                warn!(error = %e, "Published models not adopted.");
-                            }
-                        }
-                        durable.latest_model = Some(bytes.to_vec());
-                    }
-                }
-                continue;
-            }
-            done = async { (&mut in_flight.as_mut().expect("guarded").task).await }, if in_flight.is_some() => {
-                let started = in_flight.take().expect("guarded").started;
-                if let Err(e) = writer.finish(done, started, &mut durable, CommitMode::Async).await {
-                    result = Err(e);
-                    break;
-                }
-                continue;
-            }
-            _ = checkpoints.tick(), if durable_state && in_flight.is_none() => {
-                // One checkpoint at a time; processing goes on while it is written.
-                in_flight = writer.begin(&mut engine, &durable, sent);
-                continue;
-            }
-            Some(cmd) = link.commands.recv() => {
-                let ApiCommand::Erase { user, reply } = cmd;
-                let change = engine.erase(&user, wall_ms());
-                let known = change.is_some();
-                let mut deliveries = Vec::new();
-                if let Some(change) = change {
-                    metrics.erased();
-                    match publish_change(&producer, settings, &change).await {
-                        Ok(d) => deliveries.push(d),
-                        Err(e) => {
-                            result = Err(PipelineError::Kafka(e));
-                            break;
-                        }
-                    }
-                }
-                if tx.send(Pending { at: None, deliveries }).await.is_err() {
-                    break;
-                }
-                sent += 1;
-                // The erasure is durable once a checkpoint carries the removal: answer then.
-                if known && durable_state {
-                    let done = writer.now(&mut in_flight, &mut engine, &mut durable, sent, CommitMode::Async).await;
+        // Messages librdkafka already holds are taken directly, up to a burst; then one turn of
+        // the `select!` (cancellation, rebalances, timers, checkpoints, API) comes first.
+        let ready = if burst < BURST {
+            ready_message(&consumer)
+        } else {
+            None
+        };
+        if ready.is_some() {
+            burst += 1;
+        } else {
+            burst = 0;
+        }
+        let msg = if let Some(m) = ready {
+            m
+        } else {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = failed.cancelled() => break,
+                Some(event) = rebalances.recv() => {
+                    let done = writer.rebalance(event, &mut in_flight, &mut engine, &mut durable, sent).await;
                     if let Err(e) = done {
                         result = Err(e);
                         break;
                     }
+                    continue;
                 }
-                let _ = reply.send(known);
-                continue;
+                _ = gauges.tick() => {
+                    refresh_gauges(&metrics, &mut mirror, &engine);
+                    link.publish(&engine);
+                    continue;
+                }
+                Some(m) = async { match &models_in { Some(c) => Some(c.recv().await), None => None } } => {
+                    if let Ok(m) = m {
+                        if let Some(bytes) = m.payload() {
+                            if !engine.is_trainer() {
+                                if let Err(e) = engine.adopt_models(bytes) {
+                                    warn!(error = %e, "Published models not adopted.");
+                                }
+                            }
+                            durable.latest_model = Some(bytes.to_vec());
+                        }
+                    }
+                    continue;
+                }
+                done = async { (&mut in_flight.as_mut().expect("guarded").task).await }, if in_flight.is_some() => {
+                    let started = in_flight.take().expect("guarded").started;
+                    if let Err(e) = writer.finish(done, started, &mut durable, CommitMode::Async).await {
+                        result = Err(e);
+                        break;
+                    }
+                    continue;
+                }
+                _ = checkpoints.tick(), if durable_state && in_flight.is_none() => {
+                    // One checkpoint at a time; processing goes on while it is written.
+                    in_flight = writer.begin(&mut engine, &durable, sent);
+                    continue;
+                }
+                Some(cmd) = link.commands.recv() => {
+                    let ApiCommand::Erase { user, reply } = cmd;
+                    let change = engine.erase(&user, wall_ms());
+                    let known = change.is_some();
+                    let mut deliveries = Vec::new();
+                    if let Some(change) = change {
+                        metrics.erased();
+                        match publish_change(&producer, settings, &change).await {
+                            Ok(d) => deliveries.push(d),
+                            Err(e) => {
+                                result = Err(PipelineError::Kafka(e));
+                                break;
+                            }
+                        }
+                    }
+                    if tx.send(Pending { at: None, deliveries }).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                    // The erasure is durable once a checkpoint carries the removal: answer then.
+                    if known && durable_state {
+                        let done = writer.now(&mut in_flight, &mut engine, &mut durable, sent, CommitMode::Async).await;
+                        if let Err(e) = done {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    let _ = reply.send(known);
+                    continue;
+                }
+                msg = consumer.recv() => msg,
             }
-            msg = consumer.recv() => msg,
         };
         let msg = match msg {
             Ok(m) => {
@@ -486,6 +503,21 @@ pub async fn run_with_api(
         "Pipeline stopped."
     );
     result.map(|()| engine)
+}
+
+/// Messages taken from librdkafka's queue without a turn of the consume loop's `select!`.
+const BURST: u32 = 256;
+
+/// A message librdkafka already holds, if any, without waiting.
+fn ready_message(
+    consumer: &StreamConsumer<SegContext>,
+) -> Option<Result<BorrowedMessage<'_>, KafkaError>> {
+    let mut recv = std::pin::pin!(consumer.recv());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(recv.as_mut(), &mut cx) {
+        std::task::Poll::Ready(m) => Some(m),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Reads the model topic to its end; the last models on it, if any.
