@@ -300,7 +300,8 @@ pub struct LatencyReport {
     pub rate: u64,
     pub seconds: u64,
     pub produced: u64,
-    /// Changes timed (after the first quarter of the run, a warm-up).
+    /// Changes (with `floor`: input events) timed, after the first quarter of the run (a
+    /// warm-up).
     pub changes: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -311,12 +312,15 @@ pub struct LatencyReport {
 /// while segstream (checkpoints on; librdkafka's `fetch.wait.max.ms` set to `fetch_wait_ms` if
 /// given) runs; a subscriber reads the segment changes and times each
 /// from its causing event's produce time (its `event_time`) to the moment the subscriber has it.
+/// With `floor`, segstream does not run: a consumer configured as segstream's reads the input
+/// and times each event itself (one broker hop, where a change takes two).
 pub async fn latency(
     brokers: &str,
     rate: u64,
     seconds: u64,
     users: usize,
     fetch_wait_ms: Option<u64>,
+    floor: bool,
 ) -> anyhow::Result<LatencyReport> {
     use crate::app::{create_all_topics, settings_for};
     use crate::encode::decode_change;
@@ -337,20 +341,40 @@ pub async fn latency(
     create_all_topics(&settings, 3).await?;
     let metrics = Metrics::new();
     let cancel = CancellationToken::new();
-    let pipeline = {
+    let pipeline = (!floor).then(|| {
         let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
         tokio::spawn(async move { crate::pipeline::run(&s, Engine::new(&s), m, c).await })
+    });
+    let subscriber: StreamConsumer = if floor {
+        crate::kafka::consumer_config(&settings)
+            .set("group.id", format!("{prefix}-floor"))
+            .create()?
+    } else {
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("{prefix}-subscriber"))
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
+            .create()?
     };
-    let subscriber: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{prefix}-subscriber"))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
-    subscriber.subscribe(&[&settings.kafka.topics.segment_changes])?;
-    while !metrics.is_ready() {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let inputs: Vec<&str> = crate::event::Source::ALL
+        .iter()
+        .map(|s| settings.topic(*s))
+        .collect();
+    if floor {
+        subscriber.subscribe(&inputs)?;
+        // Joined once it has partitions (polling drives the join).
+        while subscriber.assignment()?.count() == 0 {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), subscriber.recv())
+                .await;
+        }
+    } else {
+        subscriber.subscribe(&[&settings.kafka.topics.segment_changes])?;
+        while !metrics.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
+    let decoder = crate::decode::Decoder::new(settings.decode.clone());
 
     let started = crate::pipeline::wall_ms();
     let warm_until = started + (seconds as i64 * 1_000) / 4;
@@ -387,15 +411,26 @@ pub async fn latency(
         let msg = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.recv());
         let Ok(Ok(m)) = msg.await else { continue };
         let now = crate::pipeline::wall_ms();
-        if let Ok(c) = decode_change(m.payload().unwrap_or_default(), settings.output.format) {
-            if c.event_time >= warm_until && c.event_time < end {
-                latencies.push((now - c.event_time) as f64);
-            }
+        let payload = m.payload().unwrap_or_default();
+        let event_time = if floor {
+            settings
+                .source_of(m.topic())
+                .and_then(|s| decoder.decode(s, payload, Some(now)).ok())
+                .map(|e| e.event_time())
+        } else {
+            decode_change(payload, settings.output.format)
+                .ok()
+                .map(|c| c.event_time)
+        };
+        if let Some(t) = event_time.filter(|t| *t >= warm_until && *t < end) {
+            latencies.push((now - t) as f64);
         }
     }
     let produced = producing.await??;
     cancel.cancel();
-    pipeline.await??;
+    if let Some(p) = pipeline {
+        p.await??;
+    }
     latencies.sort_by(f64::total_cmp);
     let q = |p: f64| {
         latencies

@@ -109,6 +109,10 @@ pub enum BenchCommand {
         /// broker that holds fetches that long adds it to every event's latency at low load).
         #[arg(long)]
         fetch_wait_ms: Option<u64>,
+        /// No segstream: a consumer configured as segstream's reads the input topics and times
+        /// each event from its produce time — one broker hop, the floor under segstream's two.
+        #[arg(long)]
+        floor: bool,
     },
     /// Restore time: a full checkpoint of N users to a changelog on a real broker, restored.
     Restore {
@@ -455,12 +459,19 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     seconds,
                     users,
                     fetch_wait_ms,
+                    floor,
                 },
         } => {
-            let r = crate::bench::latency(&brokers, rate, seconds, users, fetch_wait_ms).await?;
+            let r =
+                crate::bench::latency(&brokers, rate, seconds, users, fetch_wait_ms, floor).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+            let what = if floor {
+                "event -> consumer of the input (no segstream)"
+            } else {
+                "event -> segment change at a subscriber"
+            };
             println!(
-                "{} events/s: event -> segment change at a subscriber p50 {:.0} ms, p99 {:.0} ms ({} changes)",
+                "{} events/s: {what} p50 {:.0} ms, p99 {:.0} ms ({} timed)",
                 r.rate, r.p50_ms, r.p99_ms, r.changes
             );
             Ok(())
