@@ -10,8 +10,8 @@
 //! monitoring and tools. The markers, not the group's commits, are the truth on restore.
 
 use crate::changelog::{
-    encode_marker, Marker, Restored, Restorer, EPOCH_HEADER, KIND_GLOBAL, KIND_HEADER, KIND_MARKER,
-    KIND_USER, MARKER_KEY,
+    encode_marker, encode_user, Marker, Restored, Restorer, EPOCH_HEADER, KIND_GLOBAL, KIND_HEADER,
+    KIND_MARKER, KIND_USER, MARKER_KEY,
 };
 use crate::config::Settings;
 use crate::engine::{Engine, UserRecord};
@@ -311,7 +311,8 @@ pub async fn write(
                 .partition(partition)
                 .key(id.as_str().as_bytes())
                 .headers(headers(KIND_USER));
-            if let Some(v) = value {
+            let bytes = value.as_deref().map(encode_user);
+            if let Some(v) = &bytes {
                 written.bytes += v.len();
                 r = r.payload(&v[..]);
             }

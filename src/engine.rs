@@ -4,7 +4,6 @@
 //! No Kafka, no tokio, no clock: event time drives features, forgetting, label maturity and
 //! sweeps; the caller passes the wall-clock time used only for `emit_time`.
 
-use crate::changelog::encode_user;
 use crate::config::{ActionRule, LatePolicy, Settings};
 use crate::event::{ChangeReason, Event, SegmentChange, UserId};
 use crate::features::{
@@ -136,8 +135,9 @@ struct GlobalState {
     fits_left: u32,
 }
 
-/// One changelog record: a user's encoded state, or `None` for a user that left.
-pub type UserRecord = (UserId, Option<Vec<u8>>);
+/// One changelog record: a copy of a user's state (encoded by the checkpoint writer, off the
+/// consume loop), or `None` for a user that left.
+pub type UserRecord = (UserId, Option<Box<UserState>>);
 
 pub struct Engine {
     store: Arc<Store>,
@@ -343,13 +343,13 @@ impl Engine {
             if !full.contains(&shard) {
                 out.entry(shard)
                     .or_default()
-                    .push((id.clone(), Some(encode_user(state))));
+                    .push((id.clone(), Some(Box::new(state.clone()))));
             }
         });
         for &shard in full {
             let records = out.entry(shard).or_default();
             self.store.visit_shard(shard, |id, state| {
-                records.push((id.clone(), Some(encode_user(state))));
+                records.push((id.clone(), Some(Box::new(state.clone()))));
             });
         }
         out
@@ -1288,10 +1288,11 @@ mod tests {
         for recs in records.values() {
             for (id, v) in recs {
                 match v {
-                    Some(b) => {
+                    Some(s) => {
+                        let bytes = crate::changelog::encode_user(s);
                         into.insert(
                             id.as_str().to_owned(),
-                            *crate::changelog::decode_user(b).unwrap(),
+                            *crate::changelog::decode_user(&bytes).unwrap(),
                         );
                     }
                     None => {
