@@ -1030,7 +1030,7 @@ impl Models {
         match state.label.as_ref() {
             Some(w) if t >= w.start_ms.saturating_add(horizon) => {
                 if train {
-                    let xz = self.scaler.transform(&w.x);
+                    let xz = self.scaler.transform(&w.features());
                     self.sgd.train(&xz, w.spend.max(0.0).ln_1p());
                 }
                 state.label = None;
@@ -1045,7 +1045,7 @@ impl Models {
         if state.label.is_none() {
             state.label = Some(Box::new(LabelWindow {
                 start_ms: t,
-                x: *x,
+                x: x.map(|v| v as f32),
                 spend: 0.0,
             }));
         }

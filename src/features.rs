@@ -214,30 +214,42 @@ pub struct UserState {
 }
 
 /// A delayed label in the making: features at `start_ms`, spend accumulated until the horizon.
+///
+/// The features are kept as `f32` (half the memory of an open window; a training input needs no
+/// more precision) and written to the changelog as `f64`, as before, so the format is unchanged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabelWindow {
     pub start_ms: i64,
-    #[serde(with = "serde_big_array")]
-    pub x: Vector,
+    #[serde(with = "features_as_f64")]
+    pub x: [f32; DIM],
     pub spend: f64,
 }
 
-mod serde_big_array {
-    use super::{Vector, DIM};
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &Vector, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(v.iter())
+impl LabelWindow {
+    /// The features at the window's start, as the models take them.
+    pub fn features(&self) -> Vector {
+        self.x.map(f64::from)
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vector, D::Error> {
+}
+
+mod features_as_f64 {
+    use super::DIM;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[f32; DIM], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|&x| f64::from(x)))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[f32; DIM], D::Error> {
         let v = Vec::<f64>::deserialize(d)?;
-        let mut out = [0.0; DIM];
         if v.len() != DIM {
             return Err(serde::de::Error::invalid_length(
                 v.len(),
                 &"the layout's dimension",
             ));
         }
-        out.copy_from_slice(&v);
+        let mut out = [0.0; DIM];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = x as f32;
+        }
         Ok(out)
     }
 }
@@ -640,6 +652,39 @@ mod tests {
     use proptest::prelude::*;
 
     const DAY: i64 = 86_400_000;
+
+    /// An open label window keeps its features as `f32` in memory but in the changelog's
+    /// format of before (`f64`): records written by earlier versions restore, and new ones
+    /// read the same.
+    #[test]
+    fn label_windows_keep_the_changelog_format() {
+        #[derive(Serialize, Deserialize)]
+        struct Before {
+            start_ms: i64,
+            x: Vec<f64>,
+            spend: f64,
+        }
+        let x: Vec<f64> = (0..DIM).map(|i| i as f64 * 0.25 - 3.5).collect();
+        let before = postcard::to_stdvec(&Before {
+            start_ms: 17,
+            x: x.clone(),
+            spend: 9.5,
+        })
+        .unwrap();
+        let w: LabelWindow = postcard::from_bytes(&before).unwrap();
+        assert_eq!(w.start_ms, 17);
+        assert_eq!(w.spend, 9.5);
+        assert_eq!(w.features().to_vec(), x);
+        assert_eq!(postcard::to_stdvec(&w).unwrap(), before);
+        let short = Before {
+            start_ms: 1,
+            x: vec![0.0; DIM - 1],
+            spend: 0.0,
+        };
+        assert!(
+            postcard::from_bytes::<LabelWindow>(&postcard::to_stdvec(&short).unwrap()).is_err()
+        );
+    }
 
     fn params() -> FeatureParams {
         FeatureParams::new([DAY as f64, 7.0 * DAY as f64, 30.0 * DAY as f64], 1)
