@@ -294,6 +294,21 @@ pub async fn broker(
     })
 }
 
+/// What `bench latency` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct LatencyOptions {
+    /// Input events per second, for `seconds`, over `users` users.
+    pub rate: u64,
+    pub seconds: u64,
+    pub users: usize,
+    /// librdkafka's `fetch.wait.max.ms` for segstream's consumer, if set.
+    pub fetch_wait_ms: Option<u64>,
+    /// No segstream: time the input's own delivery (one broker hop).
+    pub floor: bool,
+    /// segstream's checkpoint interval; `None`: no checkpoints.
+    pub checkpoints: Option<std::time::Duration>,
+}
+
 /// What `bench latency` measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LatencyReport {
@@ -314,14 +329,15 @@ pub struct LatencyReport {
 /// from its causing event's produce time (its `event_time`) to the moment the subscriber has it.
 /// With `floor`, segstream does not run: a consumer configured as segstream's reads the input
 /// and times each event itself (one broker hop, where a change takes two).
-pub async fn latency(
-    brokers: &str,
-    rate: u64,
-    seconds: u64,
-    users: usize,
-    fetch_wait_ms: Option<u64>,
-    floor: bool,
-) -> anyhow::Result<LatencyReport> {
+pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<LatencyReport> {
+    let LatencyOptions {
+        rate,
+        seconds,
+        users,
+        fetch_wait_ms,
+        floor,
+        checkpoints,
+    } = *options;
     use crate::app::{create_all_topics, settings_for};
     use crate::encode::decode_change;
     use crate::metrics::Metrics;
@@ -337,6 +353,10 @@ pub async fn latency(
             .kafka
             .consumer_properties
             .insert("fetch.wait.max.ms".into(), wait.to_string());
+    }
+    match checkpoints {
+        Some(every) => settings.state.checkpoint_interval = every,
+        None => settings.state.checkpoints = false,
     }
     create_all_topics(&settings, 3).await?;
     let metrics = Metrics::new();

@@ -113,6 +113,10 @@ pub enum BenchCommand {
         /// each event from its produce time — one broker hop, the floor under segstream's two.
         #[arg(long)]
         floor: bool,
+        /// segstream's `state.checkpoint_interval` for the run (e.g. "30s"); "off" runs without
+        /// checkpoints.
+        #[arg(long, default_value = "5s")]
+        checkpoint_interval: String,
     },
     /// Restore time: a full checkpoint of N users to a changelog on a real broker, restored.
     Restore {
@@ -460,10 +464,25 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     users,
                     fetch_wait_ms,
                     floor,
+                    checkpoint_interval,
                 },
         } => {
-            let r =
-                crate::bench::latency(&brokers, rate, seconds, users, fetch_wait_ms, floor).await?;
+            let checkpoints = match checkpoint_interval.as_str() {
+                "off" => None,
+                s => Some(
+                    humantime::parse_duration(s)
+                        .map_err(|e| anyhow::anyhow!("--checkpoint-interval: {e}"))?,
+                ),
+            };
+            let options = crate::bench::LatencyOptions {
+                rate,
+                seconds,
+                users,
+                fetch_wait_ms,
+                floor,
+                checkpoints,
+            };
+            let r = crate::bench::latency(&brokers, &options).await?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             let what = if floor {
                 "event -> consumer of the input (no segstream)"
