@@ -693,20 +693,24 @@ impl Engine {
         let Some(c) = self.models.kmeans.centroids() else {
             return String::new();
         };
+        // Only features standing out by half a standard deviation or more are worded: the
+        // others are left out before sorting (this runs for most published changes, as the
+        // model version moves every mini-batch).
         let mut feats: Vec<(usize, f64)> = (0..DIM)
             .filter(|&i| self.models.scaler.weight(i) > 0.0)
             .map(|i| (i, c[[j, i]] / self.models.scaler.weight(i)))
+            .filter(|(_, z)| z.abs() >= 0.5 || z.is_nan())
             .collect();
         feats.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(&b.0)));
         let mut words: Vec<String> = Vec::new();
-        let mut kinds: Vec<String> = Vec::new();
+        let mut kinds: Vec<&str> = Vec::new();
         for (i, z) in feats {
-            if words.len() == 3 || z.abs() < 0.5 {
+            if words.len() == 3 {
                 break;
             }
             let name = feature_name(i);
             // One phrase per behaviour kind, whatever its half-life.
-            let kind = name.split("_per_day_").next().unwrap_or(name).to_owned();
+            let kind = name.split_once("_per_day_").map_or(name, |(k, _)| k);
             if kinds.contains(&kind) {
                 continue;
             }
