@@ -120,14 +120,7 @@ async fn sigterm_checkpoints_and_the_next_run_continues_exactly() {
     let settings = fresh_settings("sigterm", PARTITIONS).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(&settings, dir.path());
-    let mut g = Generator::new(5, 50, 0.0);
-    let sent = produce(
-        &settings,
-        (0..3_000)
-            .map(|_| g.next_record(wall_ms(), &settings.decode))
-            .collect(),
-    )
-    .await;
+    let sent = produce_generated(&settings, 5, 50, 3_000).await;
     let (mut child, port) = spawn_service(&config);
     assert!(wait_for_metric(port, "segstream_events_consumed_total", 1.0).await);
     let status = terminate(&mut child);

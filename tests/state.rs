@@ -150,14 +150,7 @@ async fn a_rebalance_checkpoints_the_revoked_partitions_so_nothing_is_read_twice
     // No periodic checkpoint during the test: only the one taken on revoke can hand the state
     // over.
     settings.state.checkpoint_interval = Duration::from_secs(3600);
-    let mut g = Generator::new(12, 300, 0.0);
-    let sent = produce(
-        &settings,
-        (0..4_000)
-            .map(|_| g.next_record(wall_ms(), &settings.decode))
-            .collect(),
-    )
-    .await;
+    let sent = produce_generated(&settings, 12, 300, 4_000).await;
     let (metrics_a, store_a, cancel_a, task_a) = start(&settings);
     assert!(wait_for(PATIENCE, || metrics_a.consumed_total() == sent.len() as u64).await);
     let users = store_a.len();
@@ -202,14 +195,7 @@ async fn a_rebalance_checkpoints_the_revoked_partitions_so_nothing_is_read_twice
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_on_the_topic_removes_every_trace_including_after_a_restart() {
     let settings = fresh_settings("erase", 2).await;
-    let mut g = Generator::new(8, 40, 0.0);
-    let sent = produce(
-        &settings,
-        (0..2_000)
-            .map(|_| g.next_record(wall_ms(), &settings.decode))
-            .collect(),
-    )
-    .await;
+    let sent = produce_generated(&settings, 8, 40, 2_000).await;
     let per_user = events_per_user(&sent);
     let victim = per_user.keys().min().unwrap().clone();
 
@@ -295,14 +281,7 @@ async fn erasure_on_the_topic_removes_every_trace_including_after_a_restart() {
 async fn ten_times_max_users_stays_bounded_and_evictions_are_published() {
     let mut settings = fresh_settings("evict", 2).await;
     settings.state.max_users = 60;
-    let mut g = Generator::new(12, 600, 0.0);
-    let sent = produce(
-        &settings,
-        (0..6_000)
-            .map(|_| g.next_record(wall_ms(), &settings.decode))
-            .collect(),
-    )
-    .await;
+    let sent = produce_generated(&settings, 12, 600, 6_000).await;
     let distinct = events_per_user(&sent).len();
     assert!(distinct >= 10 * 60, "{distinct} users");
 

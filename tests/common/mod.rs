@@ -61,6 +61,21 @@ pub fn producer(settings: &Settings) -> FutureProducer {
         .unwrap()
 }
 
+/// Produces `n` generator records (seeded, over `users` users, none malformed), stamped now, and
+/// waits for every acknowledgement.
+pub async fn produce_generated(
+    settings: &Settings,
+    seed: u64,
+    users: usize,
+    n: usize,
+) -> Vec<Sent> {
+    let mut g = segstream::generate::Generator::new(seed, users, 0.0);
+    let records = (0..n)
+        .map(|_| g.next_record(segstream::pipeline::wall_ms(), &settings.decode))
+        .collect();
+    produce(settings, records).await
+}
+
 /// Produces the records (key = user id) and waits for every acknowledgement.
 pub async fn produce(settings: &Settings, records: Vec<Record>) -> Vec<Sent> {
     let producer = producer(settings);
