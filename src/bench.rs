@@ -248,6 +248,7 @@ pub async fn broker(
         n += 1;
     }
     let bare_rate = events as f64 / started.map_or(1e-9, |s| s.elapsed().as_secs_f64());
+    drop(bare);
 
     // segstream, from its own group (and changelog), without and with checkpoints. Timed from
     // its first message, as the bare consumer.
@@ -330,14 +331,13 @@ pub struct LatencyReport {
 /// With `floor`, segstream does not run: a consumer configured as segstream's reads the input
 /// and times each event itself (one broker hop, where a change takes two).
 pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<LatencyReport> {
-    let LatencyOptions {
+    let &LatencyOptions {
         rate,
         seconds,
         users,
-        fetch_wait_ms,
         floor,
-        checkpoints,
-    } = *options;
+        ..
+    } = options;
     use crate::app::{create_all_topics, settings_for};
     use crate::encode::decode_change;
     use crate::metrics::Metrics;
@@ -348,13 +348,13 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
 
     let prefix = format!("bench-latency-{}", std::process::id());
     let mut settings = settings_for(brokers, &prefix);
-    if let Some(wait) = fetch_wait_ms {
+    if let Some(wait) = options.fetch_wait_ms {
         settings
             .kafka
             .consumer_properties
             .insert("fetch.wait.max.ms".into(), wait.to_string());
     }
-    match checkpoints {
+    match options.checkpoints {
         Some(every) => settings.state.checkpoint_interval = every,
         None => settings.state.checkpoints = false,
     }

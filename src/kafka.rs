@@ -1,7 +1,6 @@
 //! Kafka clients built from [`Settings`]: the consumer (at-least-once offset handling, commits on
 //! revoke, or a revoke handed to the pipeline to checkpoint first), the producer, and topic
-//! creation. The only module besides `pipeline` that knows
-//! rdkafka.
+//! creation. The only module besides `pipeline` that knows rdkafka.
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
