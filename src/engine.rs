@@ -1047,11 +1047,11 @@ impl Models {
     /// Opens a label window at `t` with the features `x` the user has then, if none is open.
     fn open_label(&self, state: &mut UserState, t: i64, x: &Vector) {
         if state.label.is_none() {
-            state.label = Some(Box::new(LabelWindow {
+            state.label = Some(LabelWindow {
                 start_ms: t,
                 x: x.map(|v| v as f32),
                 spend: 0.0,
-            }));
+            });
         }
     }
 
