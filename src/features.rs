@@ -610,11 +610,11 @@ impl UserState {
     /// all three, purchases and categories at the long one, social, text and embeddings at the
     /// medium one).
     fn decay_by(&mut self, dt_ms: i64, p: &FeatureParams) {
-        for (h, d) in p.decays.iter().enumerate() {
-            let f = d.factor(dt_ms);
+        let f = p.decays.map(|d| d.factor(dt_ms));
+        for (h, f) in f.iter().enumerate() {
             self.behaviour[h].iter_mut().for_each(|x| *x *= f);
         }
-        let (fm, fl) = (p.decays[1].factor(dt_ms), p.decays[2].factor(dt_ms));
+        let (fm, fl) = (f[1], f[2]);
         for (i, x) in self.sums.iter_mut().enumerate() {
             *x *= if i <= PRICE_QTY { fl } else { fm };
         }

@@ -74,9 +74,11 @@ impl Scaler {
     /// Welford: `mean += (x - mean) / n; m2 += (x - mean_old) * (x - mean_new)`.
     pub fn observe(&mut self, x: &Vector) {
         self.n += 1.0;
+        // One division, not one per feature (a division costs as much as a dozen multiplies).
+        let inv_n = 1.0 / self.n;
         for i in 0..DIM {
             let d = x[i] - self.mean[i];
-            self.mean[i] += d / self.n;
+            self.mean[i] += d * inv_n;
             self.m2[i] += d * (x[i] - self.mean[i]);
         }
         if self.n <= SD_WARMUP || (self.n as u64).is_multiple_of(SD_REFRESH) {
@@ -90,17 +92,45 @@ impl Scaler {
         if self.inv_sd.len() != DIM {
             return z;
         }
+        let c = self.clip_z;
         for i in 0..DIM {
-            z[i] = ((x[i] - self.mean[i]) * self.inv_sd[i]).clamp(-self.clip_z, self.clip_z)
-                * self.weights[i];
+            // max/min rather than clamp: the same for finite inputs, and the loop vectorises.
+            z[i] = ((x[i] - self.mean[i]) * self.inv_sd[i]).max(-c).min(c) * self.weights[i];
         }
         z
     }
 }
 
-/// Squared Euclidean distance.
+/// Lanes of the partial sums in [`dist2`] and [`dot`].
+const LANES: usize = 8;
+
+/// Squared Euclidean distance. Summed in [`LANES`] partial sums: one accumulator summed left to
+/// right is a chain the compiler may not reorder, so it cannot use vector registers; eight
+/// independent ones it can (nearest-centroid search is most of a model update).
 fn dist2(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+    let ((ca, ta), (cb, tb)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
+    let mut acc = [0.0; LANES];
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..LANES {
+            let d = x[l] - y[l];
+            acc[l] += d * d;
+        }
+    }
+    let tail: f64 = ta.iter().zip(tb).map(|(x, y)| (x - y) * (x - y)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Dot product, in [`LANES`] partial sums like [`dist2`].
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let ((ca, ta), (cb, tb)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
+    let mut acc = [0.0; LANES];
+    for (x, y) in ca.iter().zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f64 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Distances from one point to the centroids, nearest first.
@@ -337,11 +367,12 @@ impl KMeans {
     /// rate never falls below about one over a half-life's worth of points and centroids follow
     /// drift.
     pub fn learn(&mut self, j: usize, z: &Vector, t_ms: i64) {
-        self.batch_sums
-            .row_mut(j)
-            .iter_mut()
-            .zip(z)
-            .for_each(|(s, x)| *s += x);
+        let mut row = self.batch_sums.row_mut(j);
+        match row.as_slice_mut() {
+            // Rows of a standard-layout array are contiguous: a plain slice loop vectorises.
+            Some(sums) => sums.iter_mut().zip(z).for_each(|(s, x)| *s += x),
+            None => row.iter_mut().zip(z).for_each(|(s, x)| *s += x),
+        }
         self.batch_counts[j] += 1.0;
         self.batch_len += 1;
         if self.batch_len >= self.batch_size {
@@ -516,7 +547,7 @@ impl Sgd {
     }
 
     pub fn predict(&self, x: &Vector) -> f64 {
-        self.b + self.w.iter().zip(x).map(|(w, x)| w * x).sum::<f64>()
+        self.b + dot(&self.w, x)
     }
 
     /// One SGD step towards `y`. The prediction made before the step is scored first
