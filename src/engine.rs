@@ -156,9 +156,28 @@ pub struct Engine {
     /// Whether this engine trains the models (the default) or only applies them: with several
     /// instances, one trains and the others adopt its published models.
     trainer: bool,
-    /// Segment descriptions of one model version.
-    descriptions: std::cell::RefCell<(Option<u64>, Vec<Option<String>>)>,
+    /// Segment descriptions and action candidates, as of one [`Engine::wording_key`].
+    descriptions: std::cell::RefCell<Wording>,
 }
+
+/// Cached wording of the segments: per segment its description, and the action rules its
+/// centroid satisfies (each with the rule's minimum user value and the rendered tag).
+#[derive(Default)]
+struct Wording {
+    key: Option<(u64, u64)>,
+    labels: Vec<Option<String>>,
+    actions: Vec<Option<Vec<SegmentAction>>>,
+}
+
+/// An action rule a segment's centroid meets: the rule's minimum user value and its tag.
+type SegmentAction = (Option<f64>, String);
+
+/// Mini-batches a segment's cached wording may lag its centroid by. A mini-batch step moves a
+/// centroid by a fraction 1/n of the way to its batch's mean, so the three features that stand
+/// out (the description) and the rules it meets change far more slowly than the model version,
+/// which moves every mini-batch: re-wording each segment after every batch was an eighth of the
+/// engine's instructions. A fit, a repair or a loaded or adopted model re-words at once.
+const WORDING_BATCHES: u64 = 64;
 
 /// Fits after the seeding one, at 4×, 16× and 64× `init_events`.
 const REFITS: u32 = 3;
@@ -675,16 +694,32 @@ impl Engine {
             .collect()
     }
 
+    /// When the cached wording is stale: after a fit or repair (each moves centroids at once),
+    /// and every [`WORDING_BATCHES`] mini-batches.
+    fn wording_key(&self) -> (u64, u64) {
+        let km = &self.models.kmeans;
+        (km.reshapes(), km.version() / WORDING_BATCHES)
+    }
+
+    /// The wording cache, emptied first if stale. A change is published for about a third of
+    /// events, and wording a segment costs microseconds.
+    fn wording(&self) -> std::cell::RefMut<'_, Wording> {
+        let key = self.wording_key();
+        let mut cache = self.descriptions.borrow_mut();
+        if cache.key != Some(key) {
+            let k = self.models.kmeans.k();
+            *cache = Wording {
+                key: Some(key),
+                labels: vec![None; k],
+                actions: vec![None; k],
+            };
+        }
+        cache
+    }
+
     /// A description of segment `j` in words, from the features its centroid stands out on.
     pub fn describe(&self, j: usize) -> String {
-        // Descriptions change only with the centroids: cached per model version (a change is
-        // published for about a third of events, and wording one costs microseconds).
-        let version = self.models.kmeans.version();
-        let mut cache = self.descriptions.borrow_mut();
-        if cache.0 != Some(version) {
-            *cache = (Some(version), vec![None; self.models.kmeans.k()]);
-        }
-        cache.1[j]
+        self.wording().labels[j]
             .get_or_insert_with(|| self.describe_now(j))
             .clone()
     }
@@ -784,23 +819,39 @@ impl Engine {
 
     /// The first action rule that segment `j` (and the user's value, if given) satisfies.
     fn action(&self, j: usize, user_value: Option<f64>) -> Option<String> {
-        let c = self.models.kmeans.centroids()?;
-        self.rules.actions.iter().find_map(|r| {
-            if let Some(min) = r.min_user_value {
-                if user_value.is_none_or(|v| v < min) {
-                    return None;
-                }
-            }
-            if let Some(f) = &r.feature {
-                let i = feature_index(f)?;
+        let mut cache = self.wording();
+        let rules = cache.actions[j].get_or_insert_with(|| self.segment_actions(j));
+        rules
+            .iter()
+            .find(|(min, _)| min.is_none_or(|m| user_value.is_some_and(|v| v >= m)))
+            .map(|(_, tag)| tag.clone())
+    }
+
+    /// The action rules whose centroid conditions segment `j` meets, in order, with their
+    /// minimum user value and rendered tag.
+    fn segment_actions(&self, j: usize) -> Vec<SegmentAction> {
+        let Some(c) = self.models.kmeans.centroids() else {
+            return Vec::new();
+        };
+        self.rules
+            .actions
+            .iter()
+            .filter(|r| {
+                let Some(f) = &r.feature else {
+                    return true;
+                };
+                let Some(i) = feature_index(f) else {
+                    return false;
+                };
                 let w = self.models.scaler.weight(i);
                 let z = if w > 0.0 { c[[j, i]] / w } else { 0.0 };
-                if r.min_z.is_some_and(|m| z < m) || r.max_z.is_some_and(|m| z > m) {
-                    return None;
-                }
-            }
-            Some(r.tag.replace("{category}", &self.top_category(j)))
-        })
+                !(r.min_z.is_some_and(|m| z < m) || r.max_z.is_some_and(|m| z > m))
+            })
+            .map(|r| {
+                let tag = r.tag.replace("{category}", &self.top_category(j));
+                (r.min_user_value, tag)
+            })
+            .collect()
     }
 
     /// Erases a user (right to be forgotten): their state leaves memory and the model's sample,

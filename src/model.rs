@@ -177,6 +177,10 @@ pub struct KMeans {
     clock_ms: i64,
     /// Dead centroids repaired so far.
     repairs: u64,
+    /// Fits and repairs since this value was made or loaded: both move centroids at once, so
+    /// whatever was derived from the centroids (segment wording) is stale when this changes.
+    #[serde(skip)]
+    reshapes: u64,
 }
 
 fn unseeded_rng() -> ChaCha8Rng {
@@ -203,6 +207,7 @@ impl KMeans {
             forgetting_half_life_ms,
             clock_ms: i64::MIN,
             repairs: 0,
+            reshapes: 0,
             reservoir: Vec::with_capacity(init_users),
             users_offered: 0,
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5eed),
@@ -233,6 +238,11 @@ impl KMeans {
 
     pub fn repairs(&self) -> u64 {
         self.repairs
+    }
+
+    /// Counts fits and repairs (see the field); changes whenever centroids jump.
+    pub fn reshapes(&self) -> u64 {
+        self.reshapes
     }
 
     /// Restores the reservoir RNG after loading (it is not saved): a deterministic function of
@@ -300,6 +310,7 @@ impl KMeans {
         self.batch_counts.iter_mut().for_each(|b| *b = 0.0);
         self.batch_len = 0;
         self.updates += 1;
+        self.reshapes += 1;
     }
 
     /// Sum of squared distances of `points` to their nearest centroid (0 before seeding).
@@ -434,6 +445,7 @@ impl KMeans {
             self.counts[big] /= 2.0;
             self.counts[dead] = self.counts[big];
             self.repairs += 1;
+            self.reshapes += 1;
         }
     }
 }
