@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use segstream::config::RawConfig;
-use segstream::decode::Decoder;
+use segstream::decode::{Decoder, Scratch};
 use segstream::engine::Engine;
 use segstream::event::{Event, Source};
 use segstream::features::{FeatureParams, UserState, Vector, DIM};
@@ -32,6 +32,8 @@ fn bench(c: &mut Criterion) {
     let now = T0 + 3 * N as i64;
     let mut g = c.benchmark_group("component");
     g.sample_size(10);
+    // Decoded as the consume loop does: into reused buffers.
+    let mut scratch = Scratch::default();
 
     for source in Source::ALL {
         let rs: Vec<&Record> = all.iter().filter(|r| r.source == source).collect();
@@ -39,7 +41,11 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("decode_{}", source.as_str()), |b| {
             b.iter(|| {
                 for r in &rs {
-                    black_box(decoder.decode(r.source, &r.payload, Some(now)).unwrap());
+                    black_box(
+                        decoder
+                            .decode_in(r.source, &r.payload, Some(now), &mut scratch)
+                            .unwrap(),
+                    );
                 }
             })
         });

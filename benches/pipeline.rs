@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use segstream::config::RawConfig;
-use segstream::decode::Decoder;
+use segstream::decode::{Decoder, Scratch};
 use segstream::engine::Engine;
 use segstream::event::Event;
 use segstream::generate::{Generator, Record};
@@ -55,10 +55,13 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("per_event");
     g.throughput(Throughput::Elements(EVENTS as u64));
     g.sample_size(10);
+    // Decoded as the consume loop does: into reused buffers.
+    let mut scratch = Scratch::default();
     g.bench_function("decode_avro", |b| {
         b.iter(|| {
             for r in &records {
-                black_box(decoder.decode(r.source, &r.payload, Some(now)).unwrap());
+                let e = decoder.decode_in(r.source, &r.payload, Some(now), &mut scratch);
+                black_box(e.unwrap());
             }
         })
     });
@@ -79,8 +82,8 @@ fn bench(c: &mut Criterion) {
             new_engine,
             |mut e| {
                 for r in &records {
-                    let ev = decoder.decode(r.source, &r.payload, Some(now)).unwrap();
-                    black_box(e.apply(&ev, now));
+                    let ev = decoder.decode_in(r.source, &r.payload, Some(now), &mut scratch);
+                    black_box(e.apply(ev.unwrap(), now));
                 }
                 e
             },

@@ -53,12 +53,31 @@ impl<'a> Reader<'a> {
         usize::try_from(self.long()?).map_err(|_| "negative length".into())
     }
 
-    fn string(&mut self) -> Result<String, Error> {
+    fn str(&mut self) -> Result<&'a str, Error> {
         let n = self.len()?;
         let bytes = self.take(n)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| "string is not UTF-8".into())
+        std::str::from_utf8(bytes).map_err(|_| "string is not UTF-8".into())
+    }
+
+    /// Reads a string into `out`, reusing its buffer.
+    fn string_into(&mut self, out: &mut String) -> Result<(), Error> {
+        let s = self.str()?;
+        out.clear();
+        out.push_str(s);
+        Ok(())
+    }
+
+    /// `["null", "string"]` into `out`, reusing its buffer when there is one.
+    fn optional_string_into(&mut self, out: &mut Option<String>) -> Result<(), Error> {
+        match self.long()? {
+            0 => *out = None,
+            1 => match out {
+                Some(s) => self.string_into(s)?,
+                None => *out = Some(self.str()?.to_owned()),
+            },
+            b => return Err(format!("union branch {b} out of range")),
+        }
+        Ok(())
     }
 
     fn double(&mut self) -> Result<f64, Error> {
@@ -91,18 +110,21 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An array in blocks: a count (negative: followed by the block's byte size), the items,
-    /// and a zero count at the end. `min_item` bytes per item bound the count by what is left.
-    fn array<T>(
+    /// An array in blocks into `out`, reusing its items (and their buffers): a count (negative:
+    /// followed by the block's byte size), the items, and a zero count at the end. `min_item`
+    /// bytes per item bound the count by what is left; `read` decodes into an item in place.
+    fn array_into<T: Default>(
         &mut self,
+        out: &mut Vec<T>,
         min_item: usize,
-        mut read: impl FnMut(&mut Self) -> Result<T, Error>,
-    ) -> Result<Vec<T>, Error> {
-        let mut out = Vec::new();
+        mut read: impl FnMut(&mut Self, &mut T) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut len = 0;
         loop {
             let count = self.long()?;
             if count == 0 {
-                return Ok(out);
+                out.truncate(len);
+                return Ok(());
             }
             if count < 0 {
                 self.long()?; // block size in bytes: not needed to read sequentially
@@ -114,101 +136,125 @@ impl<'a> Reader<'a> {
                     self.buf.len()
                 ));
             }
-            out.reserve(n);
             for _ in 0..n {
-                out.push(read(self)?);
+                if len == out.len() {
+                    out.push(T::default());
+                }
+                read(self, &mut out[len])?;
+                len += 1;
             }
         }
     }
 
-    fn finish<T>(self, value: T) -> Result<T, Error> {
+    fn finish(self) -> Result<(), Error> {
         if self.buf.is_empty() {
-            Ok(value)
+            Ok(())
         } else {
             Err(format!("{} bytes left after the record", self.buf.len()))
         }
     }
 }
 
-fn embedding(r: &mut Reader<'_>) -> Result<Option<Vec<f32>>, Error> {
-    r.optional(|r| r.array(4, Reader::float))
-}
-
-/// `schemas/click_event.avsc`.
-pub fn click(body: &[u8]) -> Result<ClickEvent, Error> {
-    let mut r = Reader { buf: body };
-    let e = ClickEvent {
-        event_id: r.string()?,
-        user_id: r.string()?,
-        event_time: r.long()?,
-        session_id: r.string()?,
-        kind: [
-            ClickKind::View,
-            ClickKind::Search,
-            ClickKind::AddToCart,
-            ClickKind::RemoveFromCart,
-            ClickKind::CheckoutStart,
-        ][r.enum_index(5)?],
-        product_id: r.string()?,
-        category: r.string()?,
-        price: r.double()?,
-        dwell_ms: r.long()?,
-        search_text: r.optional(Reader::string)?,
-        embedding: embedding(&mut r)?,
-    };
-    r.finish(e)
-}
-
-/// `schemas/purchase_event.avsc`.
-pub fn purchase(body: &[u8]) -> Result<PurchaseEvent, Error> {
-    let mut r = Reader { buf: body };
-    let e = PurchaseEvent {
-        event_id: r.string()?,
-        user_id: r.string()?,
-        event_time: r.long()?,
-        order_id: r.string()?,
-        status: [
-            OrderStatus::Placed,
-            OrderStatus::Cancelled,
-            OrderStatus::Refunded,
-        ][r.enum_index(3)?],
-        // A line item is at least 12 bytes: two empty strings, an int, a double, a union tag.
-        items: r.array(12, |r| {
-            Ok(LineItem {
-                product_id: r.string()?,
-                category: r.string()?,
-                quantity: r.int()?,
-                unit_price: r.double()?,
-                description: r.optional(Reader::string)?,
-            })
+/// `["null", {"type": "array", "items": "float"}]` into `out`, reusing its buffer.
+fn embedding_into(r: &mut Reader<'_>, out: &mut Option<Vec<f32>>) -> Result<(), Error> {
+    match r.long()? {
+        0 => *out = None,
+        1 => r.array_into(out.get_or_insert_with(Vec::new), 4, |r, x| {
+            *x = r.float()?;
+            Ok(())
         })?,
-        total: r.double()?,
-        currency: r.string()?,
-    };
-    r.finish(e)
+        b => return Err(format!("union branch {b} out of range")),
+    }
+    Ok(())
 }
 
-/// `schemas/social_event.avsc`.
-pub fn social(body: &[u8]) -> Result<SocialEvent, Error> {
+/// `schemas/click_event.avsc`, into `e`: every field is overwritten and string buffers are
+/// reused, so decoding allocates only for a message longer than the ones before. On an error
+/// `e` holds a partial record and must not be used.
+pub fn click_into(body: &[u8], e: &mut ClickEvent) -> Result<(), Error> {
     let mut r = Reader { buf: body };
-    let e = SocialEvent {
-        event_id: r.string()?,
-        user_id: r.string()?,
-        event_time: r.long()?,
-        action: [
-            SocialAction::Like,
-            SocialAction::Share,
-            SocialAction::Review,
-            SocialAction::Comment,
-            SocialAction::Follow,
-        ][r.enum_index(5)?],
-        target_product: r.optional(Reader::string)?,
-        target_category: r.optional(Reader::string)?,
-        rating: r.optional(Reader::int)?,
-        text: r.optional(Reader::string)?,
-        embedding: embedding(&mut r)?,
-    };
-    r.finish(e)
+    r.string_into(&mut e.event_id)?;
+    r.string_into(&mut e.user_id)?;
+    e.event_time = r.long()?;
+    r.string_into(&mut e.session_id)?;
+    e.kind = [
+        ClickKind::View,
+        ClickKind::Search,
+        ClickKind::AddToCart,
+        ClickKind::RemoveFromCart,
+        ClickKind::CheckoutStart,
+    ][r.enum_index(5)?];
+    r.string_into(&mut e.product_id)?;
+    r.string_into(&mut e.category)?;
+    e.price = r.double()?;
+    e.dwell_ms = r.long()?;
+    r.optional_string_into(&mut e.search_text)?;
+    embedding_into(&mut r, &mut e.embedding)?;
+    r.finish()
+}
+
+/// `schemas/purchase_event.avsc`, into `e` (as [`click_into`]).
+pub fn purchase_into(body: &[u8], e: &mut PurchaseEvent) -> Result<(), Error> {
+    let mut r = Reader { buf: body };
+    r.string_into(&mut e.event_id)?;
+    r.string_into(&mut e.user_id)?;
+    e.event_time = r.long()?;
+    r.string_into(&mut e.order_id)?;
+    e.status = [
+        OrderStatus::Placed,
+        OrderStatus::Cancelled,
+        OrderStatus::Refunded,
+    ][r.enum_index(3)?];
+    // A line item is at least 12 bytes: two empty strings, an int, a double, a union tag.
+    r.array_into(&mut e.items, 12, |r, item: &mut LineItem| {
+        r.string_into(&mut item.product_id)?;
+        r.string_into(&mut item.category)?;
+        item.quantity = r.int()?;
+        item.unit_price = r.double()?;
+        r.optional_string_into(&mut item.description)
+    })?;
+    e.total = r.double()?;
+    r.string_into(&mut e.currency)?;
+    r.finish()
+}
+
+/// `schemas/social_event.avsc`, into `e` (as [`click_into`]).
+pub fn social_into(body: &[u8], e: &mut SocialEvent) -> Result<(), Error> {
+    let mut r = Reader { buf: body };
+    r.string_into(&mut e.event_id)?;
+    r.string_into(&mut e.user_id)?;
+    e.event_time = r.long()?;
+    e.action = [
+        SocialAction::Like,
+        SocialAction::Share,
+        SocialAction::Review,
+        SocialAction::Comment,
+        SocialAction::Follow,
+    ][r.enum_index(5)?];
+    r.optional_string_into(&mut e.target_product)?;
+    r.optional_string_into(&mut e.target_category)?;
+    e.rating = r.optional(Reader::int)?;
+    r.optional_string_into(&mut e.text)?;
+    embedding_into(&mut r, &mut e.embedding)?;
+    r.finish()
+}
+
+/// `schemas/click_event.avsc` into a new record.
+pub fn click(body: &[u8]) -> Result<ClickEvent, Error> {
+    let mut e = ClickEvent::default();
+    click_into(body, &mut e).map(|()| e)
+}
+
+/// `schemas/purchase_event.avsc` into a new record.
+pub fn purchase(body: &[u8]) -> Result<PurchaseEvent, Error> {
+    let mut e = PurchaseEvent::default();
+    purchase_into(body, &mut e).map(|()| e)
+}
+
+/// `schemas/social_event.avsc` into a new record.
+pub fn social(body: &[u8]) -> Result<SocialEvent, Error> {
+    let mut e = SocialEvent::default();
+    social_into(body, &mut e).map(|()| e)
 }
 
 #[cfg(test)]
@@ -287,6 +333,60 @@ mod tests {
             assert_eq!(fast(e.source(), body), Ok(e.clone()));
             assert_eq!(reference(e.source(), body), Ok(e));
         }
+    }
+
+    /// Decoding into reused buffers gives what a fresh decode gives, whatever came before:
+    /// longer and shorter strings, more and fewer line items, optional fields set then unset.
+    #[test]
+    fn decoding_into_reused_buffers_equals_a_fresh_decode() {
+        let cfg = DecodeConfig::default();
+        let mut g = Generator::new(9, 50, 0.0);
+        let (mut click_buf, mut purchase_buf, mut social_buf) = (
+            ClickEvent::default(),
+            PurchaseEvent::default(),
+            SocialEvent::default(),
+        );
+        let mut long_then_short = 0;
+        for i in 0..3_000 {
+            let mut e = g.next_event(1_700_000_000_000 + i);
+            match &mut e {
+                Event::Click(c) if i % 2 == 0 => {
+                    c.embedding = Some(vec![0.25; (i % 7) as usize]);
+                    c.search_text = Some("x".repeat((i % 40) as usize));
+                }
+                Event::Social(s) if i % 3 == 0 => s.text = None,
+                Event::Purchase(p) if i % 2 == 0 => {
+                    p.items.truncate(1);
+                    p.items[0].description = Some("MUG".into());
+                }
+                Event::Purchase(p) => {
+                    let extra = p.items[0].clone();
+                    p.items.extend(std::iter::repeat_n(extra, (i % 4) as usize));
+                }
+                _ => {}
+            }
+            let bytes = encode_event(&e, WireFormat::Avro, cfg.schema_ids.get(e.source()));
+            let body = &bytes[CONFLUENT_HEADER_LEN..];
+            let reused = match e.source() {
+                Source::Clickstream => {
+                    let text_len = |c: &ClickEvent| c.search_text.as_ref().map(String::len);
+                    let before = text_len(&click_buf);
+                    click_into(body, &mut click_buf).unwrap();
+                    long_then_short += usize::from(text_len(&click_buf) < before);
+                    Event::Click(click_buf.clone())
+                }
+                Source::Purchases => {
+                    purchase_into(body, &mut purchase_buf).unwrap();
+                    Event::Purchase(purchase_buf.clone())
+                }
+                Source::Social => {
+                    social_into(body, &mut social_buf).unwrap();
+                    Event::Social(social_buf.clone())
+                }
+            };
+            assert_eq!(reused, e);
+        }
+        assert!(long_then_short > 0, "the sequence must shrink strings too");
     }
 
     proptest! {

@@ -93,7 +93,7 @@ pub fn pipeline(
     threads: usize,
     vectors_out: Option<&std::path::Path>,
 ) -> anyhow::Result<PipelineReport> {
-    use crate::decode::Decoder;
+    use crate::decode::{Decoder, Scratch};
     use crate::generate::Record;
     use std::io::Write;
 
@@ -121,12 +121,15 @@ pub fn pipeline(
                 let (settings, barrier) = (&settings, &barrier);
                 scope.spawn(move || {
                     let decoder = Decoder::new(settings.decode.clone());
+                    let mut scratch = Scratch::default();
                     let mut engine = Engine::new(settings);
                     let half = records.len() / 2;
                     let mut run = |rs: &[Record]| {
                         for r in rs {
-                            if let Ok(e) = decoder.decode(r.source, &r.payload, Some(now)) {
-                                engine.apply(&e, now);
+                            let decoded =
+                                decoder.decode_in(r.source, &r.payload, Some(now), &mut scratch);
+                            if let Ok(e) = decoded {
+                                engine.apply(e, now);
                             }
                         }
                     };

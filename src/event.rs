@@ -63,9 +63,10 @@ impl Source {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClickKind {
+    #[default]
     View,
     Search,
     AddToCart,
@@ -73,7 +74,8 @@ pub enum ClickKind {
     CheckoutStart,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `Default` is an empty record, the buffer a decoder fills in place.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClickEvent {
     pub event_id: String,
     pub user_id: String,
@@ -90,15 +92,17 @@ pub struct ClickEvent {
     pub embedding: Option<Vec<f32>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderStatus {
+    #[default]
     Placed,
     Cancelled,
     Refunded,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `Default` is an empty record, the buffer a decoder fills in place.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LineItem {
     pub product_id: String,
     pub category: String,
@@ -108,7 +112,8 @@ pub struct LineItem {
     pub description: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `Default` is an empty record, the buffer a decoder fills in place.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PurchaseEvent {
     pub event_id: String,
     pub user_id: String,
@@ -120,9 +125,10 @@ pub struct PurchaseEvent {
     pub currency: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SocialAction {
+    #[default]
     Like,
     Share,
     Review,
@@ -130,7 +136,8 @@ pub enum SocialAction {
     Follow,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `Default` is an empty record, the buffer a decoder fills in place.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SocialEvent {
     pub event_id: String,
     pub user_id: String,

@@ -12,7 +12,7 @@ use crate::checkpoint::{
     Written,
 };
 use crate::config::Settings;
-use crate::decode::{DecodeError, Decoder};
+use crate::decode::{DecodeError, Decoder, Scratch};
 use crate::encode::encode_change;
 use crate::engine::{Engine, Outcome};
 use crate::event::{ChangeReason, SegmentChange, Source};
@@ -160,6 +160,7 @@ pub async fn run_with_api(
     consumer.subscribe(&topics)?;
     let producer = producer(settings)?;
     let decoder = Decoder::new(settings.decode.clone());
+    let mut scratch = Scratch::default();
     info!(topics = ?topics, brokers = %settings.kafka.brokers, checkpoints = durable_state, "Consuming.");
 
     let (tx, rx) = mpsc::channel::<Pending>(settings.pipeline.max_in_flight);
@@ -395,9 +396,9 @@ pub async fn run_with_api(
         let now = wall_ms();
         let mut deliveries = Vec::new();
         let mut unusable = None;
-        match decoder.decode(source, payload, Some(now)) {
+        match decoder.decode_in(source, payload, Some(now), &mut scratch) {
             Ok(event) => {
-                let applied = engine.apply_in(&event, now, partition);
+                let applied = engine.apply_in(event, now, partition);
                 match applied.outcome {
                     Outcome::Applied => metrics.applied(source),
                     Outcome::Duplicate => metrics.duplicate(source),
