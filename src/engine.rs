@@ -1098,11 +1098,7 @@ impl Models {
     /// Opens a label window at `t` with the features `x` the user has then, if none is open.
     fn open_label(&self, state: &mut UserState, t: i64, x: &Vector) {
         if state.label.is_none() {
-            state.label = Some(LabelWindow {
-                start_ms: t,
-                x: x.map(|v| v as f32),
-                spend: 0.0,
-            });
+            state.label = Some(LabelWindow::open(t, x));
         }
     }
 

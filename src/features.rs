@@ -218,30 +218,44 @@ pub struct UserState {
 
 /// A delayed label in the making: features at `start_ms`, spend accumulated until the horizon.
 ///
-/// The features are kept as `f32` (half the memory of an open window; a training input needs no
-/// more precision) and written to the changelog as `f64`, as before, so the format is unchanged.
+/// The features are kept as `f16` (a quarter of the memory of `f64`: an open window is a sixth
+/// of a user's state even so). They are a training input of the value model only, never part of
+/// the features a segment or a prediction is computed from, and three significant digits are
+/// far below the noise of a spend label; the value model's quality is unchanged
+/// (docs/performance.md). The changelog writes them as `f64`, as before, so its format is
+/// unchanged and windows written by earlier versions restore (rounded to `f16`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabelWindow {
     pub start_ms: i64,
     #[serde(with = "features_as_f64")]
-    pub x: [f32; DIM],
+    pub x: [half::f16; DIM],
     pub spend: f64,
 }
 
 impl LabelWindow {
+    /// A window opened at `start_ms` with the features `x`.
+    pub fn open(start_ms: i64, x: &Vector) -> Self {
+        Self {
+            start_ms,
+            x: x.map(half::f16::from_f64),
+            spend: 0.0,
+        }
+    }
+
     /// The features at the window's start, as the models take them.
     pub fn features(&self) -> Vector {
-        self.x.map(f64::from)
+        self.x.map(half::f16::to_f64)
     }
 }
 
 mod features_as_f64 {
     use super::DIM;
+    use half::f16;
     use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[f32; DIM], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(v.iter().map(|&x| f64::from(x)))
+    pub fn serialize<S: Serializer>(v: &[f16; DIM], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|x| x.to_f64()))
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[f32; DIM], D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[f16; DIM], D::Error> {
         let v = Vec::<f64>::deserialize(d)?;
         if v.len() != DIM {
             return Err(serde::de::Error::invalid_length(
@@ -249,9 +263,9 @@ mod features_as_f64 {
                 &"the layout's dimension",
             ));
         }
-        let mut out = [0.0; DIM];
+        let mut out = [f16::ZERO; DIM];
         for (o, x) in out.iter_mut().zip(v) {
-            *o = x as f32;
+            *o = f16::from_f64(x);
         }
         Ok(out)
     }
@@ -656,7 +670,7 @@ mod tests {
 
     const DAY: i64 = 86_400_000;
 
-    /// An open label window keeps its features as `f32` in memory but in the changelog's
+    /// An open label window keeps its features as `f16` in memory but in the changelog's
     /// format of before (`f64`): records written by earlier versions restore, and new ones
     /// read the same.
     #[test]
@@ -679,6 +693,26 @@ mod tests {
         assert_eq!(w.spend, 9.5);
         assert_eq!(w.features().to_vec(), x);
         assert_eq!(postcard::to_stdvec(&w).unwrap(), before);
+        // Values f16 cannot hold exactly come back within its precision (2^-11 relative), and
+        // a restored window writes what it holds, so restoring it again changes nothing.
+        let odd: Vec<f64> = (0..DIM).map(|i| (i as f64 + 1.0) / 3.0 * 7.1).collect();
+        let w: LabelWindow = postcard::from_bytes(
+            &postcard::to_stdvec(&Before {
+                start_ms: 1,
+                x: odd.clone(),
+                spend: 0.0,
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        for (got, want) in w.features().iter().zip(&odd) {
+            assert!(
+                (got - want).abs() <= want.abs() * 2f64.powi(-11),
+                "{got} vs {want}"
+            );
+        }
+        let again: LabelWindow = postcard::from_bytes(&postcard::to_stdvec(&w).unwrap()).unwrap();
+        assert_eq!(again, w);
         let short = Before {
             start_ms: 1,
             x: vec![0.0; DIM - 1],
