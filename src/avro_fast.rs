@@ -67,19 +67,6 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// `["null", "string"]` into `out`, reusing its buffer when there is one.
-    fn optional_string_into(&mut self, out: &mut Option<String>) -> Result<(), Error> {
-        match self.long()? {
-            0 => *out = None,
-            1 => match out {
-                Some(s) => self.string_into(s)?,
-                None => *out = Some(self.str()?.to_owned()),
-            },
-            b => return Err(format!("union branch {b} out of range")),
-        }
-        Ok(())
-    }
-
     fn double(&mut self) -> Result<f64, Error> {
         let b = self.take(8)?;
         Ok(f64::from_le_bytes(b.try_into().map_err(|_| "double")?))
@@ -98,16 +85,19 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| format!("enum index {i} out of range"))
     }
 
-    /// `["null", T]`: branch 0 is null, branch 1 is a `T`.
-    fn optional<T>(
+    /// `["null", T]` into `out`: branch 0 is null, branch 1 is a `T`, read by `read` into the
+    /// value `out` already holds (reusing its buffers) or into a new default one.
+    fn optional_into<T: Default>(
         &mut self,
-        read: impl FnOnce(&mut Self) -> Result<T, Error>,
-    ) -> Result<Option<T>, Error> {
+        out: &mut Option<T>,
+        read: impl FnOnce(&mut Self, &mut T) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         match self.long()? {
-            0 => Ok(None),
-            1 => read(self).map(Some),
-            b => Err(format!("union branch {b} out of range")),
+            0 => *out = None,
+            1 => read(self, out.get_or_insert_with(T::default))?,
+            b => return Err(format!("union branch {b} out of range")),
         }
+        Ok(())
     }
 
     /// An array in blocks into `out`, reusing its items (and their buffers): a count (negative:
@@ -157,15 +147,12 @@ impl<'a> Reader<'a> {
 
 /// `["null", {"type": "array", "items": "float"}]` into `out`, reusing its buffer.
 fn embedding_into(r: &mut Reader<'_>, out: &mut Option<Vec<f32>>) -> Result<(), Error> {
-    match r.long()? {
-        0 => *out = None,
-        1 => r.array_into(out.get_or_insert_with(Vec::new), 4, |r, x| {
+    r.optional_into(out, |r, v| {
+        r.array_into(v, 4, |r, x| {
             *x = r.float()?;
             Ok(())
-        })?,
-        b => return Err(format!("union branch {b} out of range")),
-    }
-    Ok(())
+        })
+    })
 }
 
 /// `schemas/click_event.avsc`, into `e`: every field is overwritten and string buffers are
@@ -188,7 +175,7 @@ pub fn click_into(body: &[u8], e: &mut ClickEvent) -> Result<(), Error> {
     r.string_into(&mut e.category)?;
     e.price = r.double()?;
     e.dwell_ms = r.long()?;
-    r.optional_string_into(&mut e.search_text)?;
+    r.optional_into(&mut e.search_text, Reader::string_into)?;
     embedding_into(&mut r, &mut e.embedding)?;
     r.finish()
 }
@@ -211,7 +198,7 @@ pub fn purchase_into(body: &[u8], e: &mut PurchaseEvent) -> Result<(), Error> {
         r.string_into(&mut item.category)?;
         item.quantity = r.int()?;
         item.unit_price = r.double()?;
-        r.optional_string_into(&mut item.description)
+        r.optional_into(&mut item.description, Reader::string_into)
     })?;
     e.total = r.double()?;
     r.string_into(&mut e.currency)?;
@@ -231,10 +218,13 @@ pub fn social_into(body: &[u8], e: &mut SocialEvent) -> Result<(), Error> {
         SocialAction::Comment,
         SocialAction::Follow,
     ][r.enum_index(5)?];
-    r.optional_string_into(&mut e.target_product)?;
-    r.optional_string_into(&mut e.target_category)?;
-    e.rating = r.optional(Reader::int)?;
-    r.optional_string_into(&mut e.text)?;
+    r.optional_into(&mut e.target_product, Reader::string_into)?;
+    r.optional_into(&mut e.target_category, Reader::string_into)?;
+    r.optional_into(&mut e.rating, |r, x| {
+        *x = r.int()?;
+        Ok(())
+    })?;
+    r.optional_into(&mut e.text, Reader::string_into)?;
     embedding_into(&mut r, &mut e.embedding)?;
     r.finish()
 }

@@ -101,36 +101,33 @@ impl Scaler {
     }
 }
 
-/// Lanes of the partial sums in [`dist2`] and [`dot`].
+/// Lanes of the partial sums in [`lane_sum`].
 const LANES: usize = 8;
 
-/// Squared Euclidean distance. Summed in [`LANES`] partial sums: one accumulator summed left to
-/// right is a chain the compiler may not reorder, so it cannot use vector registers; eight
-/// independent ones it can (nearest-centroid search is most of a model update).
-fn dist2(a: &[f64], b: &[f64]) -> f64 {
+/// `Σ term(aᵢ, bᵢ)`, summed in [`LANES`] partial sums: one accumulator summed left to right is a
+/// chain the compiler may not reorder, so it cannot use vector registers; eight independent ones
+/// it can (nearest-centroid search is most of a model update).
+#[inline(always)]
+fn lane_sum(a: &[f64], b: &[f64], term: impl Fn(f64, f64) -> f64) -> f64 {
     let ((ca, ta), (cb, tb)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
     let mut acc = [0.0; LANES];
     for (x, y) in ca.iter().zip(cb) {
         for l in 0..LANES {
-            let d = x[l] - y[l];
-            acc[l] += d * d;
+            acc[l] += term(x[l], y[l]);
         }
     }
-    let tail: f64 = ta.iter().zip(tb).map(|(x, y)| (x - y) * (x - y)).sum();
+    let tail: f64 = ta.iter().zip(tb).map(|(x, y)| term(*x, *y)).sum();
     acc.iter().sum::<f64>() + tail
 }
 
-/// Dot product, in [`LANES`] partial sums like [`dist2`].
+/// Squared Euclidean distance.
+fn dist2(a: &[f64], b: &[f64]) -> f64 {
+    lane_sum(a, b, |x, y| (x - y) * (x - y))
+}
+
+/// Dot product.
 fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let ((ca, ta), (cb, tb)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
-    let mut acc = [0.0; LANES];
-    for (x, y) in ca.iter().zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f64 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f64>() + tail
+    lane_sum(a, b, |x, y| x * y)
 }
 
 /// Distances from one point to the centroids, nearest first.
