@@ -3,8 +3,9 @@
 //! throughput in events/s (`thrpt`). Run: `cargo bench --bench pipeline`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use segstream::bench::apply_records;
 use segstream::config::RawConfig;
-use segstream::decode::{Decoder, Scratch};
+use segstream::decode::{Decoder, Scratch, ScratchPair};
 use segstream::engine::Engine;
 use segstream::event::Event;
 use segstream::generate::{Generator, Record};
@@ -85,6 +86,20 @@ fn bench(c: &mut Criterion) {
                     let ev = decoder.decode_in(r.source, &r.payload, Some(now), &mut scratch);
                     black_box(e.apply(ev.unwrap(), now));
                 }
+                e
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // As the consume loop does it: the next message decoded before the current one is applied,
+    // its user's state prefetched.
+    let mut pair = ScratchPair::default();
+    g.bench_function("decode_ahead_and_apply", |b| {
+        b.iter_batched(
+            new_engine,
+            |mut e| {
+                let decoded = apply_records(&decoder, &mut e, &mut pair, &records, now);
+                assert_eq!(decoded, EVENTS);
                 e
             },
             BatchSize::LargeInput,

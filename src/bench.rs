@@ -17,7 +17,7 @@
 
 use crate::config::RawConfig;
 use crate::engine::Engine;
-use crate::generate::Generator;
+use crate::generate::{Generator, Record};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -93,8 +93,7 @@ pub fn pipeline(
     threads: usize,
     vectors_out: Option<&std::path::Path>,
 ) -> anyhow::Result<PipelineReport> {
-    use crate::decode::{Decoder, Scratch};
-    use crate::generate::Record;
+    use crate::decode::{Decoder, ScratchPair};
     use std::io::Write;
 
     let settings = RawConfig::default().validate()?;
@@ -121,21 +120,12 @@ pub fn pipeline(
                 let (settings, barrier) = (&settings, &barrier);
                 scope.spawn(move || {
                     let decoder = Decoder::new(settings.decode.clone());
-                    let mut scratch = Scratch::default();
+                    let mut scratch = ScratchPair::default();
                     let mut engine = Engine::new(settings);
                     let half = records.len() / 2;
-                    let mut run = |rs: &[Record]| {
-                        for r in rs {
-                            let decoded =
-                                decoder.decode_in(r.source, &r.payload, Some(now), &mut scratch);
-                            if let Ok(e) = decoded {
-                                engine.apply(e, now);
-                            }
-                        }
-                    };
-                    run(&records[..half]);
+                    apply_records(&decoder, &mut engine, &mut scratch, &records[..half], now);
                     barrier.wait();
-                    run(&records[half..]);
+                    apply_records(&decoder, &mut engine, &mut scratch, &records[half..], now);
                     engine
                 })
             })
@@ -180,6 +170,37 @@ pub fn pipeline(
         events_per_second_per_core: rate / threads as f64,
         vectors_written,
     })
+}
+
+/// Decodes and applies `records` in order as the consume loop does: each next record is decoded
+/// before the current one is applied, and its user's state prefetched. Returns how many
+/// records decoded.
+pub fn apply_records(
+    decoder: &crate::decode::Decoder,
+    engine: &mut Engine,
+    scratch: &mut crate::decode::ScratchPair,
+    records: &[Record],
+    now: i64,
+) -> usize {
+    let mut decoded = 0;
+    let mut ahead = None;
+    for (i, r) in records.iter().enumerate() {
+        let Ok((event, spare)) =
+            scratch.decode(decoder, r.source, &r.payload, Some(now), ahead.take())
+        else {
+            continue;
+        };
+        if let Some(next) = records.get(i + 1) {
+            let (token, user) = spare.decode(decoder, next.source, &next.payload, Some(now));
+            if let Some(user) = user {
+                engine.prefetch(user);
+            }
+            ahead = Some(token);
+        }
+        engine.apply(event, now);
+        decoded += 1;
+    }
+    decoded
 }
 
 /// What `bench broker` measured.
