@@ -12,7 +12,7 @@ use crate::checkpoint::{
     Written,
 };
 use crate::config::Settings;
-use crate::decode::{DecodeError, Decoder, Scratch};
+use crate::decode::{Ahead, DecodeError, Decoder, ScratchPair, Spare};
 use crate::encode::encode_change;
 use crate::engine::{Engine, Outcome};
 use crate::event::{ChangeReason, SegmentChange, Source};
@@ -160,7 +160,7 @@ pub async fn run_with_api(
     consumer.subscribe(&topics)?;
     let producer = producer(settings)?;
     let decoder = Decoder::new(settings.decode.clone());
-    let mut scratch = Scratch::default();
+    let mut scratch = ScratchPair::default();
     info!(topics = ?topics, brokers = %settings.kafka.brokers, checkpoints = durable_state, "Consuming.");
 
     let (tx, rx) = mpsc::channel::<Pending>(settings.pipeline.max_in_flight);
@@ -218,13 +218,15 @@ pub async fn run_with_api(
     let mut mirror = Mirror::default();
     let mut result = Ok(());
     let mut burst = 0;
+    // The message after the current one, taken early (see `look_ahead`).
+    let mut next: Option<Next<'_>> = None;
     'consume: loop {
         // Messages librdkafka already holds are taken directly, up to a burst; then one turn of
         // the `select!` (cancellation, rebalances, timers, checkpoints, API) comes first.
-        let ready = if burst < BURST {
-            ready_message(&consumer)
-        } else {
-            None
+        let (ready, mut ahead) = match next.take() {
+            Some(n) => (Some(n.msg), n.ahead),
+            None if burst < BURST => (ready_message(&consumer), None),
+            None => (None, None),
         };
         if ready.is_some() {
             burst += 1;
@@ -396,8 +398,11 @@ pub async fn run_with_api(
         let now = wall_ms();
         let mut deliveries = Vec::new();
         let mut unusable = None;
-        match decoder.decode_in(source, payload, Some(now), &mut scratch) {
-            Ok(event) => {
+        match scratch.decode(&decoder, source, payload, Some(now), ahead.take()) {
+            Ok((event, spare)) => {
+                if burst < BURST {
+                    next = look_ahead(&consumer, settings, &decoder, spare, &engine, now);
+                }
                 let applied = engine.apply_in(event, now, partition);
                 match applied.outcome {
                     Outcome::Applied => metrics.applied(source),
@@ -459,7 +464,10 @@ pub async fn run_with_api(
     }
 
     // Ordered shutdown: stop consuming (above), drain deliveries (and store their offsets),
-    // write a last checkpoint, flush the producer, then commit synchronously.
+    // write a last checkpoint, flush the producer, then commit synchronously. A message taken
+    // ahead but not processed (the loop stopped on an error) is in no marker and no stored
+    // offset: it is read again after a restart.
+    drop(next);
     metrics.set_ready(false);
     drop(tx);
     match committer.await {
@@ -504,6 +512,44 @@ pub async fn run_with_api(
         "Pipeline stopped."
     );
     result.map(|()| engine)
+}
+
+/// A message taken from librdkafka's queue while the one before it is being processed, and
+/// what decoding it ahead gave.
+struct Next<'c> {
+    msg: Result<BorrowedMessage<'c>, KafkaError>,
+    ahead: Option<Ahead>,
+}
+
+/// Takes the next message if librdkafka already holds one, and decodes it if it is an event,
+/// so that its user's state loads into cache while the current event is applied (the loop
+/// then handles it exactly as if it had been taken next: rebalances first, then its checks).
+fn look_ahead<'c>(
+    consumer: &'c StreamConsumer<SegContext>,
+    settings: &Settings,
+    decoder: &Decoder,
+    spare: Spare<'_>,
+    engine: &Engine,
+    now: i64,
+) -> Option<Next<'c>> {
+    let msg = ready_message(consumer)?;
+    let ahead = match (
+        &msg,
+        msg.as_ref()
+            .ok()
+            .and_then(|m| settings.source_of(m.topic())),
+    ) {
+        (Ok(m), Some(source)) => {
+            let (ahead, user) =
+                spare.decode(decoder, source, m.payload().unwrap_or_default(), Some(now));
+            if let Some(user) = user {
+                engine.prefetch(user);
+            }
+            Some(ahead)
+        }
+        _ => None,
+    };
+    Some(Next { msg, ahead })
 }
 
 /// Messages taken from librdkafka's queue without a turn of the consume loop's `select!`.
