@@ -533,22 +533,19 @@ fn look_ahead<'c>(
     now: i64,
 ) -> Option<Next<'c>> {
     let msg = ready_message(consumer)?;
-    let ahead = match (
-        &msg,
-        msg.as_ref()
-            .ok()
-            .and_then(|m| settings.source_of(m.topic())),
-    ) {
-        (Ok(m), Some(source)) => {
-            let (ahead, user) =
-                spare.decode(decoder, source, m.payload().unwrap_or_default(), Some(now));
-            if let Some(user) = user {
-                engine.prefetch(user);
-            }
-            Some(ahead)
+    let event = msg.as_ref().ok().and_then(|m| {
+        Some((
+            settings.source_of(m.topic())?,
+            m.payload().unwrap_or_default(),
+        ))
+    });
+    let ahead = event.map(|(source, payload)| {
+        let (ahead, user) = spare.decode(decoder, source, payload, Some(now));
+        if let Some(user) = user {
+            engine.prefetch(user);
         }
-        _ => None,
-    };
+        ahead
+    });
     Some(Next { msg, ahead })
 }
 
