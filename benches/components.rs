@@ -71,6 +71,31 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // The same with a 32-float embedding on every click and social event (persona traffic
+    // carries none), as content-aware producers send them.
+    let embedded: Vec<Event> = events
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            let embedding = Some((0..32).map(|i| (i as f32 - 16.0) / 8.0).collect());
+            match &mut e {
+                Event::Click(c) => c.embedding = embedding,
+                Event::Social(s) => s.embedding = embedding,
+                Event::Purchase(_) => {}
+            }
+            e
+        })
+        .collect();
+    g.bench_function("feature_fusion_embedding32", |b| {
+        b.iter(|| {
+            let mut state = UserState::default();
+            for e in &embedded {
+                state.apply(e, &params);
+                black_box(state.vector(&params));
+            }
+        })
+    });
+
     // Points like the model sees: standardised persona vectors.
     let mut warm = Engine::new(&settings);
     for e in &events {

@@ -148,15 +148,41 @@ pub struct FeatureParams {
     pub decays: [Decay; HALF_LIVES],
     /// Seed of the embedding projection.
     pub seed: u64,
+    /// The projection's signs for the first [`TABULATED_COLUMNS`] columns: bit `r` of entry `c`
+    /// is set when entry `(r, c)` is positive.
+    signs: Box<[u8]>,
 }
+
+/// Embedding columns whose projection signs are computed once, not per value: each entry costs
+/// a 24-byte FNV-1a hash, four per embedding value, which made an event with a 32-float
+/// embedding cost more than the rest of its features. Longer embeddings are projected too, the
+/// columns beyond this hashed as before.
+pub const TABULATED_COLUMNS: usize = 1024;
 
 impl FeatureParams {
     pub fn new(half_lives_ms: [f64; HALF_LIVES], seed: u64) -> Self {
         Self {
             decays: half_lives_ms.map(Decay::from_half_life_ms),
             seed,
+            signs: (0..TABULATED_COLUMNS)
+                .map(|c| column_signs(seed, c))
+                .collect(),
         }
     }
+
+    /// Bit `r` set when the projection's entry `(r, col)` is positive.
+    fn signs(&self, col: usize) -> u8 {
+        match self.signs.get(col) {
+            Some(&bits) => bits,
+            None => column_signs(self.seed, col),
+        }
+    }
+}
+
+fn column_signs(seed: u64, col: usize) -> u8 {
+    (0..EMBED_DIM).fold(0, |bits, row| {
+        bits | (u8::from(projection(seed, row, col) > 0.0) << row)
+    })
 }
 
 // Decayed sums at the medium and long half-lives (indices into `UserState::sums`).
@@ -473,7 +499,7 @@ impl UserState {
                     self.add_text(text, wm);
                 }
                 if let Some(e) = &c.embedding {
-                    self.add_embedding(e, wm, p.seed);
+                    self.add_embedding(e, wm, p);
                 }
             }
             Event::Purchase(o) => {
@@ -529,7 +555,7 @@ impl UserState {
                     }
                 }
                 if let Some(e) = &s.embedding {
-                    self.add_embedding(e, wm, p.seed);
+                    self.add_embedding(e, wm, p);
                 }
             }
         }
@@ -541,13 +567,18 @@ impl UserState {
         }
     }
 
-    fn add_embedding(&mut self, e: &[f32], w: f64, seed: u64) {
-        for (r, out) in self.embed.iter_mut().enumerate() {
-            let dot: f64 = e
-                .iter()
-                .enumerate()
-                .map(|(c, x)| projection(seed, r, c) * f64::from(*x))
-                .sum();
+    fn add_embedding(&mut self, e: &[f32], w: f64, p: &FeatureParams) {
+        let s = 1.0 / (EMBED_DIM as f64).sqrt();
+        // One pass over the values for all rows; each row's terms are added in column order,
+        // from -0.0 as `Iterator::sum` does, so the sums are those of the row-by-row products.
+        let mut dots = [-0.0; EMBED_DIM];
+        for (c, x) in e.iter().enumerate() {
+            let (x, bits) = (f64::from(*x), p.signs(c));
+            for (r, dot) in dots.iter_mut().enumerate() {
+                *dot += if bits >> r & 1 == 1 { s } else { -s } * x;
+            }
+        }
+        for (out, dot) in self.embed.iter_mut().zip(dots) {
             *out += w * dot;
         }
         self.sums[EMBED_W] += w;
@@ -732,6 +763,48 @@ mod tests {
 
     fn params() -> FeatureParams {
         FeatureParams::new([DAY as f64, 7.0 * DAY as f64, 30.0 * DAY as f64], 1)
+    }
+
+    /// Projecting with the precomputed signs gives the same bits as hashing every entry, for
+    /// embeddings shorter and longer than the table, with zeros of both signs among the values.
+    #[test]
+    fn tabulated_projection_equals_hashing_each_entry() {
+        let p = params();
+        let reference = |e: &[f32], w: f64| -> [f64; EMBED_DIM] {
+            std::array::from_fn(|r| {
+                let dot: f64 = e
+                    .iter()
+                    .enumerate()
+                    .map(|(c, x)| projection(p.seed, r, c) * f64::from(*x))
+                    .sum();
+                w * dot
+            })
+        };
+        let mut x = 7u64;
+        for len in [0, 1, 3, 32, 257, TABULATED_COLUMNS, TABULATED_COLUMNS + 300] {
+            let e: Vec<f32> = (0..len)
+                .map(|i| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    match i % 7 {
+                        0 => 0.0,
+                        1 => -0.0,
+                        _ => (x >> 40) as f32 / 1e5 - 80.0,
+                    }
+                })
+                .collect();
+            let mut state = UserState::default();
+            state.add_embedding(&e, 0.75, &p);
+            let got = state.embed.map(f64::to_bits);
+            let want = reference(&e, 0.75).map(|v| (0.0 + v).to_bits());
+            assert_eq!(got, want, "length {len}");
+        }
+        // All-zero values whose terms are all -0.0 keep the sums' sign as before too.
+        let mut state = UserState::default();
+        state.add_embedding(&[-0.0; 8], 1.0, &p);
+        assert_eq!(
+            state.embed.map(f64::to_bits),
+            reference(&[-0.0; 8], 1.0).map(|v| (0.0 + v).to_bits())
+        );
     }
 
     fn view(t: i64, cat: &str) -> Event {
