@@ -96,6 +96,35 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // Social events carrying a review of 40 words (persona reviews are two words long), and
+    // searches of five, as real reviews and queries are.
+    const REVIEW: &str = "Bought this for my sister's kitchen. It isn't perfect, the lid is a bit \
+        flimsy and the box arrived damaged, but the quality is great overall and it works well. \
+        Delivery was fast. I would buy it again: excellent value, and the kids love it!";
+    let texts: Vec<Event> = events
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            match &mut e {
+                Event::Social(s) => s.text = Some(REVIEW.to_owned()),
+                Event::Click(c) if c.search_text.is_some() => {
+                    c.search_text = Some("Red ceramic Coffee mugs set".to_owned())
+                }
+                _ => {}
+            }
+            e
+        })
+        .collect();
+    g.bench_function("feature_fusion_reviews", |b| {
+        b.iter(|| {
+            let mut state = UserState::default();
+            for e in &texts {
+                state.apply(e, &params);
+                black_box(state.vector(&params));
+            }
+        })
+    });
+
     // Points like the model sees: standardised persona vectors.
     let mut warm = Engine::new(&settings);
     for e in &events {

@@ -374,25 +374,42 @@ const NEGATIVE: [&str; 24] = [
 ];
 const NEGATORS: [&str; 5] = ["not", "no", "never", "dont", "isnt"];
 
-/// Lowercase alphanumeric tokens.
-pub fn tokens(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|t| !t.is_empty())
-        .map(|t| t.replace('\'', "").to_lowercase())
+/// Calls `f` with each token of `text`: a run of alphanumerics and apostrophes, lowercased,
+/// apostrophes removed. An ASCII token of up to 32 bytes (nearly all words) is lowercased on
+/// the stack; others go through `str::to_lowercase` (Unicode rules, final sigma included).
+/// Allocating two strings per token used to make a review's words most of its event's cost.
+pub fn for_each_token(text: &str, mut f: impl FnMut(&str)) {
+    let mut buf = [0u8; 32];
+    for t in text.split(|c: char| !c.is_alphanumeric() && c != '\'') {
+        if t.is_empty() {
+            continue;
+        }
+        if t.is_ascii() && t.len() <= buf.len() {
+            let mut n = 0;
+            for b in t.bytes().filter(|&b| b != b'\'') {
+                buf[n] = b.to_ascii_lowercase();
+                n += 1;
+            }
+            // ASCII bytes are always UTF-8.
+            f(std::str::from_utf8(&buf[..n]).unwrap_or_default());
+        } else {
+            f(&t.replace('\'', "").to_lowercase());
+        }
+    }
 }
 
 /// Lexicon sentiment of a text in [-1, 1], or `None` if it has no opinion words. A negator
 /// ("not", "never", ...) flips the next opinion word.
 pub fn sentiment(text: &str) -> Option<f64> {
     let (mut pos, mut neg, mut flip) = (0.0, 0.0, false);
-    for t in tokens(text) {
-        let s = if POSITIVE.contains(&t.as_str()) {
+    for_each_token(text, |t| {
+        let s = if POSITIVE.contains(&t) {
             1.0
-        } else if NEGATIVE.contains(&t.as_str()) {
+        } else if NEGATIVE.contains(&t) {
             -1.0
         } else {
-            flip = NEGATORS.contains(&t.as_str());
-            continue;
+            flip = NEGATORS.contains(&t);
+            return;
         };
         let s = if flip { -s } else { s };
         flip = false;
@@ -401,7 +418,7 @@ pub fn sentiment(text: &str) -> Option<f64> {
         } else {
             neg += 1.0
         }
-    }
+    });
     (pos + neg > 0.0).then(|| (pos - neg) / (pos + neg))
 }
 
@@ -562,9 +579,9 @@ impl UserState {
     }
 
     fn add_text(&mut self, text: &str, w: f64) {
-        for t in tokens(text) {
+        for_each_token(text, |t| {
             self.text[(fnv1a(t.bytes()) % TEXT_BUCKETS as u64) as usize] += w;
-        }
+        });
     }
 
     fn add_embedding(&mut self, e: &[f32], w: f64, p: &FeatureParams) {
@@ -763,6 +780,36 @@ mod tests {
 
     fn params() -> FeatureParams {
         FeatureParams::new([DAY as f64, 7.0 * DAY as f64, 30.0 * DAY as f64], 1)
+    }
+
+    fn token_list(text: &str) -> Vec<String> {
+        let mut got = Vec::new();
+        for_each_token(text, |t| got.push(t.to_owned()));
+        got
+    }
+
+    fn reference_tokens(text: &str) -> Vec<String> {
+        text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+            .filter(|t| !t.is_empty())
+            .map(|t| t.replace('\'', "").to_lowercase())
+            .collect()
+    }
+
+    /// Tokens are what lowercasing each word with `str::to_lowercase` gives (the way they
+    /// were made before they were lowercased on the stack): ASCII, Unicode, apostrophes, words
+    /// longer than the stack buffer, Greek final sigma.
+    #[test]
+    fn tokens_are_the_lowercased_words() {
+        let texts = [
+            "Don't BUY it -- it's NOT good, 10/10 wouldn't",
+            "' '' x'y 'quoted' Ünïcödé straße ΟΔΟΣ ΣΟΦΟΣ İstanbul",
+            "a-very-long-hyphenated-but-split Pneumonoultramicroscopicsilicovolcanoconiosis x",
+            "exactly32charactersintothisword1 exactly33charactersintothisword12",
+            "",
+        ];
+        for text in texts {
+            assert_eq!(token_list(text), reference_tokens(text), "{text:?}");
+        }
     }
 
     /// Projecting with the precomputed signs gives the same bits as hashing every entry, for
@@ -964,6 +1011,11 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn tokens_match_lowercasing_each_word(text in "(\\PC|[ 'A-Za-z]){0,80}") {
+            prop_assert_eq!(token_list(&text), reference_tokens(&text));
+        }
+
         #[test]
         fn vectors_are_finite(events in proptest::collection::vec(arb_event(), 1..40)) {
             let p = params();
