@@ -60,70 +60,48 @@ fn bench(c: &mut Criterion) {
         settings.features.half_lives.map(|d| d.as_millis() as f64),
         settings.model.seed,
     );
-    g.throughput(Throughput::Elements(N as u64));
-    g.bench_function("feature_fusion", |b| {
-        b.iter(|| {
-            let mut state = UserState::default();
-            for e in &events {
-                state.apply(e, &params);
-                black_box(state.vector(&params));
-            }
-        })
+    // The same events with what persona traffic lacks: a 32-float embedding on every click and
+    // social event, as content-aware producers send them; and reviews of 40 words (persona
+    // reviews are two words long) and searches of five, as real ones are.
+    let with = |change: fn(&mut Event)| -> Vec<Event> {
+        let mut changed = events.clone();
+        changed.iter_mut().for_each(change);
+        changed
+    };
+    let embedded = with(|e| {
+        let embedding = Some((0..32).map(|i| (i as f32 - 16.0) / 8.0).collect());
+        match e {
+            Event::Click(c) => c.embedding = embedding,
+            Event::Social(s) => s.embedding = embedding,
+            Event::Purchase(_) => {}
+        }
     });
-
-    // The same with a 32-float embedding on every click and social event (persona traffic
-    // carries none), as content-aware producers send them.
-    let embedded: Vec<Event> = events
-        .iter()
-        .cloned()
-        .map(|mut e| {
-            let embedding = Some((0..32).map(|i| (i as f32 - 16.0) / 8.0).collect());
-            match &mut e {
-                Event::Click(c) => c.embedding = embedding,
-                Event::Social(s) => s.embedding = embedding,
-                Event::Purchase(_) => {}
-            }
-            e
-        })
-        .collect();
-    g.bench_function("feature_fusion_embedding32", |b| {
-        b.iter(|| {
-            let mut state = UserState::default();
-            for e in &embedded {
-                state.apply(e, &params);
-                black_box(state.vector(&params));
-            }
-        })
-    });
-
-    // Social events carrying a review of 40 words (persona reviews are two words long), and
-    // searches of five, as real reviews and queries are.
     const REVIEW: &str = "Bought this for my sister's kitchen. It isn't perfect, the lid is a bit \
         flimsy and the box arrived damaged, but the quality is great overall and it works well. \
         Delivery was fast. I would buy it again: excellent value, and the kids love it!";
-    let texts: Vec<Event> = events
-        .iter()
-        .cloned()
-        .map(|mut e| {
-            match &mut e {
-                Event::Social(s) => s.text = Some(REVIEW.to_owned()),
-                Event::Click(c) if c.search_text.is_some() => {
-                    c.search_text = Some("Red ceramic Coffee mugs set".to_owned())
-                }
-                _ => {}
-            }
-            e
-        })
-        .collect();
-    g.bench_function("feature_fusion_reviews", |b| {
-        b.iter(|| {
-            let mut state = UserState::default();
-            for e in &texts {
-                state.apply(e, &params);
-                black_box(state.vector(&params));
-            }
-        })
+    let reviewed = with(|e| match e {
+        Event::Social(s) => s.text = Some(REVIEW.to_owned()),
+        Event::Click(c) if c.search_text.is_some() => {
+            c.search_text = Some("Red ceramic Coffee mugs set".to_owned())
+        }
+        _ => {}
     });
+    g.throughput(Throughput::Elements(N as u64));
+    for (name, events) in [
+        ("feature_fusion", &events),
+        ("feature_fusion_embedding32", &embedded),
+        ("feature_fusion_reviews", &reviewed),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut state = UserState::default();
+                for e in events {
+                    state.apply(e, &params);
+                    black_box(state.vector(&params));
+                }
+            })
+        });
+    }
 
     // Points like the model sees: standardised persona vectors.
     let mut warm = Engine::new(&settings);

@@ -191,11 +191,8 @@ pub fn apply_records(
             continue;
         };
         if let Some(next) = records.get(i + 1) {
-            let (token, user) = spare.decode(decoder, next.source, &next.payload, Some(now));
-            if let Some(user) = user {
-                engine.prefetch(user);
-            }
-            ahead = Some(token);
+            ahead =
+                Some(engine.decode_ahead(spare, decoder, next.source, &next.payload, Some(now)));
         }
         engine.apply(event, now);
         decoded += 1;

@@ -633,25 +633,24 @@ mod tests {
             .find(|r| r.source == Source::Social && r.event.is_some())
             .unwrap();
         let mut pair = ScratchPair::default();
-        let (_, spare) = pair
-            .decode(&d, Source::Clickstream, &click, None, None)
-            .unwrap();
-        let (stale, _) = spare.decode(&d, Source::Social, &social.payload, None);
-        let (_, spare) = pair
-            .decode(&d, Source::Clickstream, &click, None, None)
-            .unwrap();
-        let (_, _latest) = spare.decode(&d, Source::Clickstream, &click, None);
-        let (event, _) = pair
-            .decode(&d, Source::Social, &social.payload, None, Some(stale))
-            .unwrap();
-        assert_eq!(Some(event), social.event.as_ref());
-        let (_, spare) = pair
-            .decode(&d, Source::Clickstream, &click, None, None)
-            .unwrap();
-        let (other_topic, _) = spare.decode(&d, Source::Clickstream, &click, None);
-        let (event, _) = pair
-            .decode(&d, Source::Social, &social.payload, None, Some(other_topic))
-            .unwrap();
-        assert_eq!(Some(event), social.event.as_ref());
+        for (ahead_as, payload, stale) in [
+            (Source::Social, &social.payload, true),
+            (Source::Clickstream, &click, false),
+        ] {
+            let (_, spare) = pair
+                .decode(&d, Source::Clickstream, &click, None, None)
+                .unwrap();
+            let (token, _) = spare.decode(&d, ahead_as, payload, None);
+            if stale {
+                let (_, spare) = pair
+                    .decode(&d, Source::Clickstream, &click, None, None)
+                    .unwrap();
+                let (_latest, _) = spare.decode(&d, Source::Clickstream, &click, None);
+            }
+            let (event, _) = pair
+                .decode(&d, Source::Social, &social.payload, None, Some(token))
+                .unwrap();
+            assert_eq!(Some(event), social.event.as_ref(), "stale: {stale}");
+        }
     }
 }

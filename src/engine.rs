@@ -5,7 +5,8 @@
 //! sweeps; the caller passes the wall-clock time used only for `emit_time`.
 
 use crate::config::{ActionRule, LatePolicy, Settings};
-use crate::event::{ChangeReason, Event, SegmentChange, UserId};
+use crate::decode::{Ahead, Decoder, Spare};
+use crate::event::{ChangeReason, Event, SegmentChange, Source, UserId};
 use crate::features::{
     category_bucket, feature_index, feature_name, group_of, FeatureParams, Group, LabelWindow,
     UserState, Vector, CATEGORY_BUCKETS, CATEGORY_START, DIM, LAYOUT_VERSION,
@@ -438,6 +439,24 @@ impl Engine {
     /// work (a state is 13 cache lines, and nearly all of them are read per event).
     pub fn prefetch(&self, user: &str) {
         self.store.prefetch(user);
+    }
+
+    /// Decodes the message after the current one into `spare` and prefetches its user's state
+    /// (the consume loop's and the benches' look-ahead). Hand the token to
+    /// [`ScratchPair::decode`](crate::decode::ScratchPair::decode) with that message.
+    pub fn decode_ahead(
+        &self,
+        spare: Spare<'_>,
+        decoder: &Decoder,
+        source: Source,
+        payload: &[u8],
+        now_ms: Option<i64>,
+    ) -> Ahead {
+        let (ahead, user) = spare.decode(decoder, source, payload, now_ms);
+        if let Some(user) = user {
+            self.prefetch(user);
+        }
+        ahead
     }
 
     /// Applies one validated event. `now_ms` is only written into `emit_time`.

@@ -539,13 +539,8 @@ fn look_ahead<'c>(
             m.payload().unwrap_or_default(),
         ))
     });
-    let ahead = event.map(|(source, payload)| {
-        let (ahead, user) = spare.decode(decoder, source, payload, Some(now));
-        if let Some(user) = user {
-            engine.prefetch(user);
-        }
-        ahead
-    });
+    let ahead = event
+        .map(|(source, payload)| engine.decode_ahead(spare, decoder, source, payload, Some(now)));
     Some(Next { msg, ahead })
 }
 
