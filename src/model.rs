@@ -76,10 +76,12 @@ impl Scaler {
         self.n += 1.0;
         // One division, not one per feature (a division costs as much as a dozen multiplies).
         let inv_n = 1.0 / self.n;
-        for i in 0..DIM {
-            let d = x[i] - self.mean[i];
-            self.mean[i] += d * inv_n;
-            self.m2[i] += d * (x[i] - self.mean[i]);
+        // Over slices of a known length: no bounds check per feature, so the loop vectorises.
+        let (mean, m2) = (&mut self.mean[..DIM], &mut self.m2[..DIM]);
+        for ((mean, m2), x) in mean.iter_mut().zip(m2).zip(x) {
+            let d = x - *mean;
+            *mean += d * inv_n;
+            *m2 += d * (x - *mean);
         }
         if self.n <= SD_WARMUP || (self.n as u64).is_multiple_of(SD_REFRESH) {
             self.refresh();
@@ -93,9 +95,11 @@ impl Scaler {
             return z;
         }
         let c = self.clip_z;
+        let (mean, inv_sd, weights) =
+            (&self.mean[..DIM], &self.inv_sd[..DIM], &self.weights[..DIM]);
         for i in 0..DIM {
             // max/min rather than clamp: the same for finite inputs, and the loop vectorises.
-            z[i] = ((x[i] - self.mean[i]) * self.inv_sd[i]).max(-c).min(c) * self.weights[i];
+            z[i] = ((x[i] - mean[i]) * inv_sd[i]).max(-c).min(c) * weights[i];
         }
         z
     }
