@@ -450,25 +450,43 @@ pub fn for_each_token(text: &str, mut f: impl FnMut(&str)) {
 /// Lexicon sentiment of a text in [-1, 1], or `None` if it has no opinion words. A negator
 /// ("not", "never", ...) flips the next opinion word.
 pub fn sentiment(text: &str) -> Option<f64> {
-    let (mut pos, mut neg, mut flip) = (0.0, 0.0, false);
-    for_each_token(text, |t| {
+    let mut s = Sentiment::default();
+    for_each_token(text, |t| s.word(t));
+    s.score()
+}
+
+/// [`sentiment`] fed one token at a time, so that a text's buckets and its sentiment take
+/// one pass over its tokens.
+#[derive(Default)]
+struct Sentiment {
+    pos: f64,
+    neg: f64,
+    flip: bool,
+}
+
+impl Sentiment {
+    fn word(&mut self, t: &str) {
         let s = if POSITIVE.contains(&t) {
             1.0
         } else if NEGATIVE.contains(&t) {
             -1.0
         } else {
-            flip = NEGATORS.contains(&t);
+            self.flip = NEGATORS.contains(&t);
             return;
         };
-        let s = if flip { -s } else { s };
-        flip = false;
-        if s > 0.0 {
-            pos += 1.0
+        let positive = (s > 0.0) != self.flip;
+        self.flip = false;
+        if positive {
+            self.pos += 1.0
         } else {
-            neg += 1.0
+            self.neg += 1.0
         }
-    });
-    (pos + neg > 0.0).then(|| (pos - neg) / (pos + neg))
+    }
+
+    fn score(&self) -> Option<f64> {
+        let (pos, neg) = (self.pos, self.neg);
+        (pos + neg > 0.0).then(|| (pos - neg) / (pos + neg))
+    }
 }
 
 /// Entry `(row, col)` of the seeded random projection: ±1/√EMBED_DIM (Achlioptas).
@@ -614,8 +632,9 @@ impl UserState {
                     self.category[category_bucket(c)] += wl;
                 }
                 if let Some(text) = &s.text {
-                    self.add_text(text, wm);
-                    if let Some(v) = sentiment(text) {
+                    let mut sentiment = Sentiment::default();
+                    self.add_text_and(text, wm, |t| sentiment.word(t));
+                    if let Some(v) = sentiment.score() {
                         self.sums[SENT_SUM] += wm * v;
                         self.sums[SENT_W] += wm;
                     }
@@ -628,8 +647,15 @@ impl UserState {
     }
 
     fn add_text(&mut self, text: &str, w: f64) {
+        self.add_text_and(text, w, |_| {});
+    }
+
+    /// Adds `text`'s tokens to the text buckets at weight `w`, and hands each to `also` (a
+    /// review's sentiment: one pass over its tokens, not two).
+    fn add_text_and(&mut self, text: &str, w: f64, mut also: impl FnMut(&str)) {
         for_each_token(text, |t| {
             self.text[(fnv1a(t.bytes()) % TEXT_BUCKETS as u64) as usize] += w;
+            also(t);
         });
     }
 
