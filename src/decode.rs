@@ -144,6 +144,13 @@ pub struct Ahead {
     result: Result<(), DecodeError>,
 }
 
+impl Ahead {
+    /// The topic the message decoded ahead came from.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+}
+
 impl ScratchPair {
     /// The event of `payload` (a message of `source`): taken from the spare buffer if `ahead`
     /// is the latest token [`Spare::decode`] gave (for this message), else decoded now.

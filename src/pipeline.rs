@@ -325,7 +325,12 @@ pub async fn run_with_api(
                 continue;
             }
         };
-        let input = match settings.source_of(msg.topic()) {
+        // A message decoded ahead already had its topic looked up.
+        let source = match &ahead {
+            Some(a) => Some(a.source()),
+            None => settings.source_of(msg.topic()),
+        };
+        let input = match source {
             Some(source) => Input::Event(source),
             None if durable_state && msg.topic() == settings.kafka.topics.erasure => Input::Erasure,
             None => continue,
