@@ -7,11 +7,26 @@ use segstream::quality::spearman;
 use segstream::replay::{replay, ReplayInputs, ReplayOptions, ReplayOutputs};
 use segstream::retail;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The data set: `SEGSTREAM_RETAIL_CSV` if set (as for benches/quality/run.sh), else
+/// `../shared/data/online_retail.csv.gz` next to the repository.
+fn retail_csv() -> PathBuf {
+    let path = std::env::var_os("SEGSTREAM_RETAIL_CSV").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/online_retail.csv.gz"),
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "the UCI Online Retail data is not at {}: set SEGSTREAM_RETAIL_CSV to its path",
+        path.display()
+    );
+    path
+}
 
 #[test]
 fn online_retail_converts_by_the_rules_and_replays_into_segments() {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/online_retail.csv.gz");
+    let data = retail_csv();
     let dir = tempfile::tempdir().unwrap();
     let (events, rejects) = (
         dir.path().join("purchases.ndjson"),
