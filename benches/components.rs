@@ -2,13 +2,14 @@
 //! fusion (apply an event to a user's state, then build its 50-component vector), a k-means step
 //! (nearest centroid + mini-batch learn), an SGD step (predict + train), and a known user's event
 //! through the whole engine, which includes change detection (the decision is not a separate
-//! function). Run: `cargo bench --bench components`.
+//! function), and encoding a segment change for the output topic. Run: `cargo bench --bench components`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use segstream::config::RawConfig;
 use segstream::decode::{Decoder, Scratch};
+use segstream::encode::encode_change;
 use segstream::engine::Engine;
-use segstream::event::{Event, Source};
+use segstream::event::{Event, SegmentChange, Source};
 use segstream::features::{FeatureParams, UserState, Vector, DIM};
 use segstream::generate::{Generator, Record};
 use segstream::model::{KMeans, Sgd};
@@ -162,6 +163,29 @@ fn bench(c: &mut Criterion) {
             },
             criterion::BatchSize::LargeInput,
         )
+    });
+
+    // Encoding a segment change for the output topic, as the pipeline publishes it: the
+    // changes the engine made on these events (first assignments and moves).
+    let changes: Vec<SegmentChange> = {
+        let mut e = Engine::new(&settings);
+        events
+            .iter()
+            .chain(&known)
+            .flat_map(|ev| e.apply(ev, now).changes)
+            .collect()
+    };
+    g.throughput(Throughput::Elements(changes.len() as u64));
+    g.bench_function("encode_change", |b| {
+        b.iter(|| {
+            for c in &changes {
+                black_box(encode_change(
+                    c,
+                    settings.output.format,
+                    settings.output.schema_id,
+                ));
+            }
+        })
     });
     g.finish();
 }
