@@ -60,8 +60,7 @@ pub fn encode_change(change: &SegmentChange, format: WireFormat, schema_id: u32)
     match format {
         WireFormat::Avro => {
             let mut out = Vec::with_capacity(change_capacity(change));
-            out.push(0);
-            out.extend_from_slice(&schema_id.to_be_bytes());
+            out.extend_from_slice(&schema::confluent_header(schema_id));
             write_change(&mut out, change);
             out
         }
