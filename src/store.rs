@@ -8,6 +8,7 @@ use crate::event::UserId;
 use crate::features::UserState;
 use dashmap::DashMap;
 use std::borrow::Borrow;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 impl Borrow<str> for UserId {
     fn borrow(&self) -> &str {
@@ -29,6 +30,11 @@ struct Entry {
 #[derive(Default)]
 pub struct Store {
     map: DashMap<UserId, Entry, ahash::RandomState>,
+    /// Users in the map, counted as they are added and removed. `DashMap::len` sums its shards
+    /// one after another, so while another thread adds a user to one shard and evicts one from
+    /// another it can count both (more users than the map ever held); it also locks every
+    /// shard, and the engine asks on every new user.
+    users: AtomicUsize,
 }
 
 impl Store {
@@ -51,7 +57,13 @@ impl Store {
     ) -> R {
         let mut entry = match self.map.get_mut(user) {
             Some(entry) => entry,
-            None => self.map.entry(UserId::new(user)).or_default(),
+            None => match self.map.entry(UserId::new(user)) {
+                dashmap::Entry::Occupied(e) => e.into_ref(),
+                dashmap::Entry::Vacant(e) => {
+                    self.users.fetch_add(1, Ordering::Relaxed);
+                    e.insert(Entry::default())
+                }
+            },
         };
         entry.dirty = true;
         if let Some(shard) = shard {
@@ -76,7 +88,9 @@ impl Store {
 
     /// Removes a user; returns its shard and the state it had.
     pub fn remove(&self, user: &str) -> Option<(i32, Box<UserState>)> {
-        self.map.remove(user).map(|(_, e)| (e.shard, e.state))
+        let (_, e) = self.map.remove(user)?;
+        self.users.fetch_sub(1, Ordering::Relaxed);
+        Some((e.shard, e.state))
     }
 
     /// Inserts a restored state, not marked changed (it is what the changelog holds).
@@ -86,24 +100,27 @@ impl Store {
         shard: i32,
         state: Box<UserState>,
     ) -> Option<Box<UserState>> {
-        self.map
-            .insert(
-                user,
-                Entry {
-                    state,
-                    shard,
-                    dirty: false,
-                },
-            )
-            .map(|e| e.state)
+        let old = self.map.insert(
+            user,
+            Entry {
+                state,
+                shard,
+                dirty: false,
+            },
+        );
+        if old.is_none() {
+            self.users.fetch_add(1, Ordering::Relaxed);
+        }
+        old.map(|e| e.state)
     }
 
+    /// Users in the map: exact whenever no other thread is adding or removing one.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.users.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
     /// Copies of all states, sorted by user id.
@@ -156,6 +173,7 @@ impl Store {
                 true
             }
         });
+        self.users.fetch_sub(out.len(), Ordering::Relaxed);
         out
     }
 
@@ -189,4 +207,68 @@ fn prefetch_lines<T>(value: &T) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boxed(events: u64) -> Box<UserState> {
+        let mut state = Box::<UserState>::default();
+        state.events = events;
+        state
+    }
+
+    #[test]
+    fn the_count_follows_every_way_in_and_out() {
+        let store = Store::default();
+        let check = |store: &Store| assert_eq!(store.len(), store.map.len());
+        store.update_in("a", 0, |s| s.events += 1);
+        store.update_in("a", 0, |s| s.events += 1);
+        store.update("b", |_| ());
+        check(&store);
+        assert!(store.insert(UserId::new("c"), 1, boxed(3)).is_none());
+        assert!(store.insert(UserId::new("c"), 1, boxed(4)).is_some());
+        assert!(store.insert(UserId::new("d"), 1, boxed(5)).is_none());
+        check(&store);
+        assert_eq!(store.len(), 4);
+        assert!(store.remove("b").is_some());
+        assert!(store.remove("b").is_none());
+        check(&store);
+        assert_eq!(store.remove_shard(1).len(), 2);
+        check(&store);
+        assert_eq!(store.len(), 1);
+        assert!(store.remove("a").is_some());
+        assert!(store.is_empty());
+    }
+
+    /// What a bounded store looks like from another thread (the metrics, the API): while
+    /// one thread adds a user and then evicts one, no reader sees more than the bound plus
+    /// the one just added.
+    #[test]
+    fn a_reader_never_sees_more_users_than_were_held() {
+        let store = Store::default();
+        let bound = 60;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let peak = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut peak = 0;
+                while !done.load(Ordering::Relaxed) {
+                    peak = peak.max(store.len());
+                }
+                peak
+            });
+            for i in 0..200_000 {
+                store.update(&format!("u{i}"), |_| ());
+                if store.len() > bound {
+                    store.remove(&format!("u{}", i - bound));
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            reader.join().expect("reader")
+        });
+        assert!(peak <= bound + 1, "a reader saw {peak} users");
+        assert_eq!(store.len(), bound);
+        assert_eq!(store.map.len(), bound);
+    }
 }
