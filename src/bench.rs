@@ -200,6 +200,26 @@ pub fn apply_records(
     decoded
 }
 
+/// Settings for a benchmark against `brokers`: unique names, and consumer group joins that do
+/// not idle. Tansu completes a join after about half the session timeout, so with
+/// librdkafka's 45 s default each of `bench broker`'s three consumers waited 23 s before its
+/// first message; 6 s (the least a Kafka broker accepts by default) with heartbeats every
+/// second makes that 3 s. The rates are timed from each consumer's first message either way.
+/// `--consumer-property` still overrides both.
+fn bench_settings(brokers: &str, prefix: &str) -> crate::config::Settings {
+    let mut settings = crate::app::settings_for(brokers, prefix);
+    for (key, value) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "1000"),
+    ] {
+        settings
+            .kafka
+            .consumer_properties
+            .insert(key.into(), value.into());
+    }
+    settings
+}
+
 /// What `bench broker` measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BrokerReport {
@@ -230,14 +250,14 @@ pub async fn broker(
     users: usize,
     consumer_properties: &[(String, String)],
 ) -> anyhow::Result<BrokerReport> {
-    use crate::app::{create_all_topics, generate, settings_for, GenerateOptions};
+    use crate::app::{create_all_topics, generate, GenerateOptions};
     use crate::event::Source;
     use crate::metrics::Metrics;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-{}", std::process::id());
-    let mut settings = settings_for(brokers, &prefix);
+    let mut settings = bench_settings(brokers, &prefix);
     settings
         .kafka
         .consumer_properties
@@ -359,7 +379,7 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
         floor,
         ..
     } = options;
-    use crate::app::{create_all_topics, settings_for};
+    use crate::app::create_all_topics;
     use crate::encode::decode_change;
     use crate::metrics::Metrics;
     use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -368,7 +388,7 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-latency-{}", std::process::id());
-    let mut settings = settings_for(brokers, &prefix);
+    let mut settings = bench_settings(brokers, &prefix);
     if let Some(wait) = options.fetch_wait_ms {
         settings
             .kafka
