@@ -200,18 +200,21 @@ pub fn apply_records(
     decoded
 }
 
-/// Settings for a benchmark against `brokers`: unique names, and consumer group joins that do
-/// not idle. Tansu completes a join after about half the session timeout, so with
+/// Consumer properties for group joins that do not idle. Tansu completes a join after about half the session timeout, so with
 /// librdkafka's 45 s default each of `bench broker`'s three consumers waited 23 s before its
 /// first message; 6 s (the least a Kafka broker accepts by default) with heartbeats every
 /// second makes that 3 s. The rates are timed from each consumer's first message either way.
 /// `--consumer-property` still overrides both.
+const QUICK_JOINS: [(&str, &str); 2] = [
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "1000"),
+];
+
+/// Settings for a benchmark against `brokers`: unique names ([`crate::app::settings_for`]) and
+/// [`QUICK_JOINS`] for the consumers.
 fn bench_settings(brokers: &str, prefix: &str) -> crate::config::Settings {
     let mut settings = crate::app::settings_for(brokers, prefix);
-    for (key, value) in [
-        ("session.timeout.ms", "6000"),
-        ("heartbeat.interval.ms", "1000"),
-    ] {
+    for (key, value) in QUICK_JOINS {
         settings
             .kafka
             .consumer_properties
@@ -411,12 +414,16 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
             .set("group.id", format!("{prefix}-floor"))
             .create()?
     } else {
-        rdkafka::ClientConfig::new()
+        let mut subscriber = rdkafka::ClientConfig::new();
+        subscriber
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("{prefix}-subscriber"))
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
-            .create()?
+            .set("fetch.wait.max.ms", "5");
+        for (key, value) in QUICK_JOINS {
+            subscriber.set(key, value);
+        }
+        subscriber.create()?
     };
     let inputs: Vec<&str> = crate::event::Source::ALL
         .iter()
@@ -424,16 +431,18 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
         .collect();
     if floor {
         subscriber.subscribe(&inputs)?;
-        // Joined once it has partitions (polling drives the join).
-        while subscriber.assignment()?.count() == 0 {
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), subscriber.recv())
-                .await;
-        }
     } else {
         subscriber.subscribe(&[&settings.kafka.topics.segment_changes])?;
-        while !metrics.is_ready() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    }
+    // Events are produced only once the subscriber has joined (it has partitions; polling
+    // drives the join, and nothing it reads before production starts is timed) and segstream
+    // is consuming. Otherwise whichever joins later times a backlog.
+    while subscriber.assignment()?.count() == 0 {
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_millis(100), subscriber.recv()).await;
+    }
+    while !floor && !metrics.is_ready() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let decoder = crate::decode::Decoder::new(settings.decode.clone());
 
