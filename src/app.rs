@@ -429,10 +429,26 @@ async fn subscribe(
     Ok(())
 }
 
-/// Convenience for tests and tools: settings for `brokers` with unique topic and group names.
+/// Consumer properties for group joins that do not idle, for tests and benchmarks. Tansu (the
+/// test broker) completes a join after about half the session timeout: with librdkafka's 45 s
+/// default every join waited 23 s (each of `bench broker`'s three consumers, every test's
+/// pipeline). 6 s (the least a Kafka broker accepts by default) with heartbeats every second
+/// makes that 3 s.
+pub const QUICK_JOINS: [(&str, &str); 2] = [
+    ("session.timeout.ms", "6000"),
+    ("heartbeat.interval.ms", "1000"),
+];
+
+/// Convenience for tests and tools: settings for `brokers` with unique topic and group names,
+/// and [`QUICK_JOINS`] for the consumers.
 pub fn settings_for(brokers: &str, prefix: &str) -> Settings {
     let mut raw = RawConfig::default();
     raw.kafka.brokers = brokers.to_owned();
+    raw.kafka.consumer_properties.extend(
+        QUICK_JOINS
+            .iter()
+            .map(|&(key, value)| (key.to_owned(), value.to_owned())),
+    );
     raw.kafka.group_id = format!("{prefix}-group");
     raw.kafka.topics.clickstream = format!("{prefix}-clickstream");
     raw.kafka.topics.purchases = format!("{prefix}-purchases");

@@ -200,29 +200,6 @@ pub fn apply_records(
     decoded
 }
 
-/// Consumer properties for group joins that do not idle. Tansu completes a join after about half the session timeout, so with
-/// librdkafka's 45 s default each of `bench broker`'s three consumers waited 23 s before its
-/// first message; 6 s (the least a Kafka broker accepts by default) with heartbeats every
-/// second makes that 3 s. The rates are timed from each consumer's first message either way.
-/// `--consumer-property` still overrides both.
-const QUICK_JOINS: [(&str, &str); 2] = [
-    ("session.timeout.ms", "6000"),
-    ("heartbeat.interval.ms", "1000"),
-];
-
-/// Settings for a benchmark against `brokers`: unique names ([`crate::app::settings_for`]) and
-/// [`QUICK_JOINS`] for the consumers.
-fn bench_settings(brokers: &str, prefix: &str) -> crate::config::Settings {
-    let mut settings = crate::app::settings_for(brokers, prefix);
-    for (key, value) in QUICK_JOINS {
-        settings
-            .kafka
-            .consumer_properties
-            .insert(key.into(), value.into());
-    }
-    settings
-}
-
 /// What `bench broker` measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BrokerReport {
@@ -253,14 +230,14 @@ pub async fn broker(
     users: usize,
     consumer_properties: &[(String, String)],
 ) -> anyhow::Result<BrokerReport> {
-    use crate::app::{create_all_topics, generate, GenerateOptions};
+    use crate::app::{create_all_topics, generate, settings_for, GenerateOptions};
     use crate::event::Source;
     use crate::metrics::Metrics;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-{}", std::process::id());
-    let mut settings = bench_settings(brokers, &prefix);
+    let mut settings = settings_for(brokers, &prefix);
     settings
         .kafka
         .consumer_properties
@@ -382,7 +359,7 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
         floor,
         ..
     } = options;
-    use crate::app::create_all_topics;
+    use crate::app::{create_all_topics, settings_for, QUICK_JOINS};
     use crate::encode::decode_change;
     use crate::metrics::Metrics;
     use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -391,7 +368,7 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-latency-{}", std::process::id());
-    let mut settings = bench_settings(brokers, &prefix);
+    let mut settings = settings_for(brokers, &prefix);
     if let Some(wait) = options.fetch_wait_ms {
         settings
             .kafka

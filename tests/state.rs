@@ -402,15 +402,6 @@ async fn a_broker_outage_of_30_s_loses_nothing_and_shows_in_readiness() {
         );
         settings.model.init_users = 40;
         settings.model.init_events = 400;
-        for (k, v) in [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "1000"),
-        ] {
-            settings
-                .kafka
-                .consumer_properties
-                .insert(k.into(), v.into());
-        }
         segstream::app::create_all_topics(&settings, 2)
             .await
             .unwrap();

@@ -33,14 +33,6 @@ pub async fn fresh_settings(name: &str, partitions: i32) -> Settings {
     s.model.init_users = 40;
     s.model.init_events = 400;
     s.model.batch_size = 16;
-    // The test broker (Tansu) completes a group join after about half the session timeout;
-    // librdkafka's 45 s default would make every test wait 23 s per join.
-    s.kafka
-        .consumer_properties
-        .insert("session.timeout.ms".into(), "6000".into());
-    s.kafka
-        .consumer_properties
-        .insert("heartbeat.interval.ms".into(), "1000".into());
     create_all_topics(&s, partitions).await.unwrap();
     s
 }
