@@ -111,11 +111,19 @@ pub fn restore_partition(
         .set("group.id", format!("{}-restore", settings.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // The end of the log is known only from a fetch that finds nothing more, which the
+        // broker holds for up to this long (librdkafka's default: 500 ms).
+        .set("fetch.wait.max.ms", "20")
         .set("fetch.max.bytes", "4194304")
         .set("max.partition.fetch.bytes", "4194304");
     apply_properties(&mut cfg, &settings.kafka.properties);
     let consumer: BaseConsumer<EndOfLog> = cfg.create_with_context(EndOfLog)?;
     let topic = &settings.kafka.topics.changelog;
+    // With the partition's leader already known, librdkafka looks up the start offset at once;
+    // assigned before its first metadata, it retries that lookup only after a fixed 500 ms.
+    if let Err(e) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+        debug!(error = %e, "No changelog metadata before reading; librdkafka retries.");
+    }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
     consumer.assign(&tpl)?;
