@@ -991,10 +991,22 @@ async fn commit_in_order(
         }
     };
     let mut since_store = 0;
+    // The number of messages whose outputs are all delivered, for checkpoints waiting on it:
+    // published when the channel runs dry and at least every STORE_EVERY messages, since a
+    // watch send wakes every waiter (once per message it took 7 % of the workers' time).
+    let mut delivered: u64 = 0;
+    let publish = |delivered: u64| {
+        acked.send_if_modified(|n| {
+            let changed = *n != delivered;
+            *n = delivered;
+            changed
+        })
+    };
     loop {
         let p = match rx.try_recv() {
             Ok(p) => p,
             Err(mpsc::error::TryRecvError::Empty) => {
+                publish(delivered);
                 store(&mut latest);
                 since_store = 0;
                 match rx.recv().await {
@@ -1036,7 +1048,10 @@ async fn commit_in_order(
                 error,
             });
         }
-        acked.send_modify(|n| *n += 1);
+        delivered += 1;
+        if delivered.is_multiple_of(STORE_EVERY as u64) {
+            publish(delivered);
+        }
         if let Some((source, partition, offset)) = p.at {
             latest.insert((source, partition), offset);
             since_store += 1;
@@ -1046,6 +1061,7 @@ async fn commit_in_order(
             }
         }
     }
+    publish(delivered);
     store(&mut latest);
     Ok(())
 }
