@@ -1,8 +1,10 @@
 //! Micro-benchmarks of the pure core's parts, per operation: decoding per input topic, feature
 //! fusion (apply an event to a user's state, then build its 50-component vector), a k-means step
 //! (nearest centroid + mini-batch learn), an SGD step (predict + train), and a known user's event
-//! through the whole engine, which includes change detection (the decision is not a separate
-//! function), and encoding a segment change for the output topic. Run: `cargo bench --bench components`.
+//! through the whole engine, which includes change detection on the event's path; change
+//! detection without an event (the engine's sweep, which re-decides every known user's segment
+//! at the watermark); and encoding a segment change for the output topic. Run:
+//! `cargo bench --bench components`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use segstream::config::RawConfig;
@@ -163,6 +165,18 @@ fn bench(c: &mut Criterion) {
             },
             criterion::BatchSize::LargeInput,
         )
+    });
+
+    // Change detection per user without an event: the sweep evaluates each of the 2,000 known
+    // users at the watermark (decayed vector, standardisation, nearest centroid and distance to
+    // the current one, then hysteresis, dwell and flap rules), as it does every `sweep_interval`.
+    let mut swept = Engine::new(&settings);
+    for ev in events.iter().chain(&known) {
+        swept.apply(ev, now);
+    }
+    g.throughput(Throughput::Elements(swept.users() as u64));
+    g.bench_function("change_detection_sweep", |b| {
+        b.iter(|| black_box(swept.sweep(now)))
     });
 
     // Encoding a segment change for the output topic, as the pipeline publishes it: the
