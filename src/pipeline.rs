@@ -556,12 +556,7 @@ const BURST: u32 = 256;
 fn ready_message(
     consumer: &StreamConsumer<SegContext>,
 ) -> Option<Result<BorrowedMessage<'_>, KafkaError>> {
-    let mut recv = std::pin::pin!(consumer.recv());
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::future::Future::poll(recv.as_mut(), &mut cx) {
-        std::task::Poll::Ready(m) => Some(m),
-        std::task::Poll::Pending => None,
-    }
+    poll_now(&mut std::pin::pin!(consumer.recv()))
 }
 
 /// The output of `future` if it is ready now, without waiting (a later `.await` of a pending
