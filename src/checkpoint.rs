@@ -17,7 +17,7 @@ use crate::config::Settings;
 use crate::engine::{Engine, UserRecord};
 use crate::features::LAYOUT_VERSION;
 use crate::kafka::{apply_properties, ensure_topics_with, send};
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -96,7 +96,7 @@ impl rdkafka::ClientContext for EndOfLog {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for EndOfLog {}
+impl ConsumerContext for EndOfLog {}
 
 /// Reads changelog partition `partition` from its start to its end (blocking; run it off the
 /// async workers) and restores it by the changelog's rules.
@@ -118,15 +118,7 @@ pub fn restore_partition(
         .set("max.partition.fetch.bytes", "4194304");
     apply_properties(&mut cfg, &settings.kafka.properties);
     let consumer: BaseConsumer<EndOfLog> = cfg.create_with_context(EndOfLog)?;
-    let topic = &settings.kafka.topics.changelog;
-    // With the partition's leader already known, librdkafka looks up the start offset at once;
-    // assigned before its first metadata, it retries that lookup only after a fixed 500 ms.
-    if let Err(e) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-        debug!(error = %e, "No changelog metadata before reading; librdkafka retries.");
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
+    assign_from_start(&consumer, &settings.kafka.topics.changelog, partition)?;
     let mut restorer = Restorer::default();
     let mut globals: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut global = None;
@@ -430,7 +422,7 @@ pub const MODEL_KEY: &[u8] = b"segstream.models";
 
 /// A consumer of the model topic from its start, reporting its end (`enable.partition.eof`):
 /// the pipeline reads it to the end for the latest models before consuming input, then keeps
-/// following it.
+/// following it. Blocking (it waits for the topic's metadata): run it off the async workers.
 pub fn model_follower(settings: &Settings) -> Result<StreamConsumer, KafkaError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &settings.kafka.brokers)
@@ -439,10 +431,24 @@ pub fn model_follower(settings: &Settings) -> Result<StreamConsumer, KafkaError>
         .set("enable.partition.eof", "true");
     apply_properties(&mut cfg, &settings.kafka.properties);
     let consumer: StreamConsumer = cfg.create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&settings.kafka.topics.model, 0, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
+    assign_from_start(&consumer, &settings.kafka.topics.model, 0)?;
     Ok(consumer)
+}
+
+/// Assigns `consumer` to `partition` of `topic` from its start, once it knows the topic's
+/// metadata: with the partition's leader known, librdkafka looks up the start offset at once;
+/// assigned before its first metadata, it retries that lookup only after a fixed 500 ms.
+fn assign_from_start<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<(), KafkaError> {
+    if let Err(e) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+        debug!(topic, error = %e, "No metadata before reading; librdkafka retries.");
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)
 }
 
 /// Publishes the trainer's models (`Engine::export_models`) to the model topic.

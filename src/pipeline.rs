@@ -185,7 +185,11 @@ pub async fn run_with_api(
         latest_model: None,
     };
     let models_in = if durable_state {
-        let follower = model_follower(settings)?;
+        // Blocking: it waits for the model topic's metadata.
+        let s = settings.clone();
+        let follower = tokio::task::spawn_blocking(move || model_follower(&s))
+            .await
+            .map_err(|e| PipelineError::Checkpoint(CheckpointError::Task(e.to_string())))??;
         durable.latest_model = latest_models(&follower).await;
         if let Some(m) = &durable.latest_model {
             match engine.adopt_models(m) {
