@@ -229,6 +229,13 @@ pub fn write_config_with(
 ) -> std::path::PathBuf {
     let config = dir.join("segstream.toml");
     let t = &settings.kafka.topics;
+    // The settings' own consumer properties (quick group joins, from `settings_for`).
+    let consumer_properties: String = settings
+        .kafka
+        .consumer_properties
+        .iter()
+        .map(|(key, value)| format!("{key:?} = {value:?}\n"))
+        .collect();
     std::fs::write(
         &config,
         format!(
@@ -246,9 +253,7 @@ changelog = "{}"
 erasure = "{}"
 model = "{}"
 [kafka.consumer_properties]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "1000"
-[model]
+{}[model]
 init_users = 40
 init_events = 400
 [state]
@@ -266,6 +271,7 @@ full_checkpoint_every = 7
             t.changelog,
             t.erasure,
             t.model,
+            consumer_properties,
             extra,
         ),
     )
