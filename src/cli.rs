@@ -288,7 +288,7 @@ pub struct ReplayArgs {
 #[derive(Debug, Args)]
 pub struct RetailArgs {
     /// The Online Retail CSV (.csv or .csv.gz).
-    #[arg(long, default_value = "../shared/data/online_retail.csv.gz")]
+    #[arg(long, default_value = "tests/data/online_retail.csv.gz")]
     pub input: PathBuf,
     /// Where to write purchase events (NDJSON).
     #[arg(long)]

@@ -9,11 +9,11 @@ use segstream::retail;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// The data set: `SEGSTREAM_RETAIL_CSV` if set (as for benches/quality/run.sh), else
-/// `../shared/data/online_retail.csv.gz` next to the repository.
+/// The data set: `SEGSTREAM_RETAIL_CSV` if set (as for benches/quality/run.sh), else the copy
+/// in the repository, `tests/data/online_retail.csv.gz` (provenance and licence beside it).
 fn retail_csv() -> PathBuf {
     let path = std::env::var_os("SEGSTREAM_RETAIL_CSV").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/online_retail.csv.gz"),
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/online_retail.csv.gz"),
         PathBuf::from,
     );
     assert!(

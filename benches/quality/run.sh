@@ -5,7 +5,7 @@
 # report. Takes a few minutes on a fresh machine. Usage: bash benches/quality/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-data="${SEGSTREAM_RETAIL_CSV:-../shared/data/online_retail.csv.gz}"
+data="${SEGSTREAM_RETAIL_CSV:-tests/data/online_retail.csv.gz}"
 out=target/quality
 venv=target/quality-venv
 mkdir -p "$out"
