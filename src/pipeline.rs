@@ -20,7 +20,7 @@ use crate::http::{ApiCommand, PipelineLink};
 use crate::kafka::{commit_sync, consumer_config, producer, send, RebalanceEvent, SegContext};
 use crate::metrics::{Metrics, Mirror};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
@@ -37,6 +37,12 @@ pub const DLQ_ERROR_MESSAGE: &str = "segstream.error.message";
 pub const DLQ_SOURCE_TOPIC: &str = "segstream.source.topic";
 pub const DLQ_SOURCE_PARTITION: &str = "segstream.source.partition";
 pub const DLQ_SOURCE_OFFSET: &str = "segstream.source.offset";
+/// Set to `true` when the dead letter's key or value was cut to fit the output limit.
+pub const DLQ_TRUNCATED: &str = "segstream.truncated";
+pub const DLQ_ORIGINAL_KEY_SIZE: &str = "segstream.original.key.size";
+pub const DLQ_ORIGINAL_VALUE_SIZE: &str = "segstream.original.value.size";
+/// How many original headers were left out because they did not fit the output limit.
+pub const DLQ_HEADERS_DROPPED: &str = "segstream.headers.dropped";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -909,20 +915,79 @@ async fn erase_on_request(
 }
 
 /// Sends the message to the dead-letter topic with its original key and headers plus why.
+///
+/// A dead letter always fits the producer's limit (`message.max.bytes`: key, value and headers
+/// together), or an oversized input would stop the pipeline on every restart: the key is cut to
+/// a quarter of the limit and the value to what is left, with [`DLQ_TRUNCATED`] and the
+/// original sizes in headers. If the original headers still do not fit, the dead letter goes
+/// without them and [`DLQ_HEADERS_DROPPED`] says how many there were.
 async fn dead_letter(
     producer: &FutureProducer,
     settings: &Settings,
     msg: &BorrowedMessage<'_>,
     error: &DecodeError,
 ) -> Result<DeliveryFuture, KafkaError> {
-    let headers = dead_letter_headers(msg, error);
-    let mut record = FutureRecord::to(&settings.kafka.topics.dead_letter)
-        .payload(msg.payload().unwrap_or_default())
-        .headers(headers);
-    if let Some(key) = msg.key() {
-        record = record.key(key);
+    let cut = DeadLetterCut::of(msg, output_limit(settings));
+    let record = |headers| {
+        let mut record = FutureRecord::to(&settings.kafka.topics.dead_letter)
+            .payload(cut.value)
+            .headers(headers);
+        if let Some(key) = cut.key {
+            record = record.key(key);
+        }
+        record
+    };
+    let with_originals = dead_letter_headers(msg, error, &cut, true);
+    match send(producer, record(with_originals)).await {
+        Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+            send(
+                producer,
+                record(dead_letter_headers(msg, error, &cut, false)),
+            )
+            .await
+        }
+        sent => sent,
     }
-    send(producer, record).await
+}
+
+/// librdkafka's limit on one produced message, key, value and headers together: the producer's
+/// `message.max.bytes` as configured, else librdkafka's default (1,000,000 bytes).
+fn output_limit(settings: &Settings) -> usize {
+    const LIBRDKAFKA_DEFAULT: usize = 1_000_000;
+    let k = &settings.kafka;
+    k.producer_properties
+        .get("message.max.bytes")
+        .or_else(|| k.properties.get("message.max.bytes"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(LIBRDKAFKA_DEFAULT)
+}
+
+/// The parts of an unusable message that its dead letter carries, cut to fit the output limit.
+struct DeadLetterCut<'m> {
+    key: Option<&'m [u8]>,
+    value: &'m [u8],
+    /// (original key size, original value size), if either was cut.
+    truncated: Option<(usize, usize)>,
+}
+
+impl<'m> DeadLetterCut<'m> {
+    /// Room kept for segstream's own headers (the error message is short) and librdkafka's
+    /// per-header overhead.
+    const HEADROOM: usize = 8 * 1024;
+
+    fn of(msg: &'m impl Message, limit: usize) -> Self {
+        let (key, value) = (msg.key(), msg.payload().unwrap_or_default());
+        let key_len = key.map_or(0, <[u8]>::len);
+        let kept_key = key.map(|k| &k[..k.len().min(limit / 4)]);
+        let room = limit.saturating_sub(kept_key.map_or(0, <[u8]>::len) + Self::HEADROOM);
+        let kept_value = &value[..value.len().min(room)];
+        let cut = kept_key.map_or(0, <[u8]>::len) < key_len || kept_value.len() < value.len();
+        Self {
+            key: kept_key,
+            value: kept_value,
+            truncated: cut.then_some((key_len, value.len())),
+        }
+    }
 }
 
 /// Sends a segment change to the output topic, keyed by user id.
@@ -939,27 +1004,38 @@ async fn publish_change(
     Ok((f, Output::Change(change.reason, change.event_time)))
 }
 
-/// The original headers plus the reason and the source coordinates.
-fn dead_letter_headers(msg: &impl Message, error: &DecodeError) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
-    if let Some(original) = msg.headers() {
-        for h in original.iter() {
-            headers = headers.insert(Header {
-                key: h.key,
-                value: h.value,
-            });
-        }
-    }
+/// The original headers (copied as bytes: a key that is not UTF-8 is kept as it is) plus the
+/// reason, the source coordinates and, for a cut message, what was cut.
+fn dead_letter_headers(
+    msg: &BorrowedMessage<'_>,
+    error: &DecodeError,
+    cut: &DeadLetterCut<'_>,
+    originals: bool,
+) -> OwnedHeaders {
+    let original = msg.headers();
+    let mut headers = match original {
+        Some(h) if originals => h.detach(),
+        _ => OwnedHeaders::new(),
+    };
     let message = error.to_string();
     let partition = msg.partition().to_string();
     let offset = msg.offset().to_string();
-    for (key, value) in [
-        (DLQ_ERROR_CODE, error.code()),
-        (DLQ_ERROR_MESSAGE, message.as_str()),
-        (DLQ_SOURCE_TOPIC, msg.topic()),
-        (DLQ_SOURCE_PARTITION, partition.as_str()),
-        (DLQ_SOURCE_OFFSET, offset.as_str()),
-    ] {
+    let mut ours = vec![
+        (DLQ_ERROR_CODE, error.code().to_owned()),
+        (DLQ_ERROR_MESSAGE, message),
+        (DLQ_SOURCE_TOPIC, msg.topic().to_owned()),
+        (DLQ_SOURCE_PARTITION, partition),
+        (DLQ_SOURCE_OFFSET, offset),
+    ];
+    if let Some((key_size, value_size)) = cut.truncated {
+        ours.push((DLQ_TRUNCATED, "true".to_owned()));
+        ours.push((DLQ_ORIGINAL_KEY_SIZE, key_size.to_string()));
+        ours.push((DLQ_ORIGINAL_VALUE_SIZE, value_size.to_string()));
+    }
+    if let (Some(h), false) = (original, originals) {
+        ours.push((DLQ_HEADERS_DROPPED, h.count().to_string()));
+    }
+    for (key, value) in &ours {
         headers = headers.insert(Header {
             key,
             value: Some(value.as_bytes()),
