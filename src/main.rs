@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> std::process::ExitCode {
+    exit_on_panic();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -48,6 +49,18 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// A panic on any thread ends the process (exit code 70, after the usual panic message), so
+/// an orchestrator restarts it. Without this a panic in a spawned task (once: copying a
+/// dead letter's headers) left the service alive but consuming nothing: `/healthz` still 200,
+/// SIGTERM ignored. Input is re-read from the last checkpoint after the restart.
+fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::exit(70);
+    }));
 }
 
 /// Cancels on SIGINT or SIGTERM; the commands then shut down in order.
