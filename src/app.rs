@@ -168,6 +168,9 @@ pub async fn generate(
     Ok(summary)
 }
 
+/// How long the demo waits, after the traffic stops, for the pipeline to consume all of it.
+const DEMO_CATCH_UP: Duration = Duration::from_secs(60);
+
 /// Options of `segstream demo`.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -289,12 +292,23 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
         print_summary(started.elapsed(), rate, &metrics, &view);
     }
 
-    // Stop the traffic first, let the pipeline catch up briefly, then stop it.
+    // Stop the traffic first, let the pipeline catch up (the report is on all the traffic, even
+    // on a loaded machine; after Ctrl-C it does not wait), then stop it.
     gen_stop.cancel();
     let sent = generator.await??;
     let catch_up = Instant::now();
-    while metrics.consumed_total() < sent.sent && catch_up.elapsed() < Duration::from_secs(5) {
+    while metrics.consumed_total() < sent.sent
+        && catch_up.elapsed() < DEMO_CATCH_UP
+        && !cancel.is_cancelled()
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if metrics.consumed_total() < sent.sent {
+        println!(
+            "stopped with {} of {} records consumed",
+            metrics.consumed_total(),
+            sent.sent
+        );
     }
     stop.cancel();
     let engine = pipeline.await??;
