@@ -11,7 +11,7 @@ use crate::features::{
     category_bucket, feature_index, feature_name, group_of, FeatureParams, Group, LabelWindow,
     UserState, Vector, CATEGORY_BUCKETS, CATEGORY_START, DIM, LAYOUT_VERSION,
 };
-use crate::model::{KMeans, Nearest, Scaler, Sgd};
+use crate::model::{KMeans, Nearest, Scaler, ValueModel};
 use crate::store::Store;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -83,7 +83,9 @@ pub struct Models {
     pub feature_names: Vec<String>,
     scaler: Scaler,
     kmeans: KMeans,
-    sgd: Sgd,
+    /// Expected spend over the horizon (a saved model from before it starts untrained).
+    #[serde(default)]
+    value: ValueModel,
     /// Per category bucket, the names seen and how often (bounded), to name segments.
     category_names: Vec<HashMap<String, u64, ahash::RandomState>>,
     /// Exponentially weighted mean distance of events' vectors to their nearest centroid.
@@ -247,7 +249,7 @@ impl Engine {
                     m.batch_size,
                     m.forgetting_half_life.as_millis() as f64,
                 ),
-                sgd: Sgd::new(m.sgd_learning_rate, m.sgd_l2),
+                value: ValueModel::new(m.sgd_learning_rate, m.sgd_l2),
                 category_names: vec![HashMap::default(); CATEGORY_BUCKETS],
                 distance_ewma: 0.0,
             },
@@ -958,11 +960,25 @@ impl Engine {
         self.models.kmeans.repairs()
     }
 
-    /// Progressive (mean absolute, root mean squared) error of the value model, in
-    /// log1p(currency) units, and the number of labels it learned from.
+    /// Progressive (mean absolute, root mean squared) error of the predicted value, in
+    /// currency, and the number of labels it learned from.
     pub fn value_errors(&self) -> (f64, f64, u64) {
-        let s = &self.models.sgd;
-        (s.mean_abs_error(), s.rmse(), s.examples())
+        let v = &self.models.value;
+        let (mae, rmse) = v.errors();
+        (mae, rmse, v.labels())
+    }
+
+    /// Progressive calibration of the predicted value (Σ predicted ÷ Σ actual over matured
+    /// labels) and log loss of the purchase propensity.
+    pub fn value_calibration(&self) -> (f64, f64) {
+        let v = &self.models.value;
+        (v.calibration(), v.log_loss())
+    }
+
+    /// P(a purchase within the value horizon) for a user's current vector.
+    pub fn purchase_probability(&self, state: &UserState) -> f64 {
+        let z = self.models.scaler.transform(&state.vector(&self.params));
+        self.models.value.purchase_probability(&z)
     }
 
     /// Mean distance of recent events' vectors to their nearest centroid (exponentially
@@ -1099,9 +1115,9 @@ fn account(
 }
 
 impl Models {
-    /// `expm1` of the linear prediction, clamped to a sane range: currency over the horizon.
+    /// Expected net spend over the horizon, in currency.
     fn predict(&self, z: &Vector) -> f64 {
-        self.sgd.predict(z).clamp(0.0, 30.0).exp_m1()
+        self.value.predict(z)
     }
 
     /// Delayed labels: when a user's window has reached the horizon at `t`, the net spend seen
@@ -1112,7 +1128,7 @@ impl Models {
             Some(w) if t >= w.start_ms.saturating_add(horizon) => {
                 if train {
                     let xz = self.scaler.transform(&w.features());
-                    self.sgd.train(&xz, w.spend.max(0.0).ln_1p());
+                    self.value.train(&xz, w.spend);
                 }
                 state.label = None;
                 true

@@ -35,6 +35,8 @@ pub struct Metrics {
     repairs: IntCounter,
     labels: IntCounter,
     value_rmse: Gauge,
+    value_calibration: Gauge,
+    purchase_log_loss: Gauge,
     mean_distance: Gauge,
     erasures: IntCounter,
     lag: IntGaugeVec,
@@ -166,7 +168,7 @@ impl Metrics {
             value_mae: {
                 let g = Gauge::new(
                     "segstream_value_model_mae",
-                    "Progressive mean absolute error of the value model, in log1p(currency) units.",
+                    "Progressive mean absolute error of the predicted value, in currency.",
                 )
                 .expect("valid metric");
                 r.register(Box::new(g.clone()))
@@ -242,10 +244,20 @@ impl Metrics {
                 "segstream_value_labels_total",
                 "Delayed labels (spend over the value horizon) the value model learned from.",
             ),
+            value_calibration: fgauge(
+                &r,
+                "segstream_value_calibration",
+                "Progressive sum of predicted over sum of actual spend on matured labels (1 is calibrated).",
+            ),
+            purchase_log_loss: fgauge(
+                &r,
+                "segstream_purchase_log_loss",
+                "Progressive mean log loss of the purchase propensity on matured labels.",
+            ),
             value_rmse: fgauge(
                 &r,
                 "segstream_value_model_rmse",
-                "Progressive root mean squared error of the value model, in log1p(currency) units.",
+                "Progressive root mean squared error of the predicted value, in currency.",
             ),
             mean_distance: fgauge(
                 &r,
@@ -464,6 +476,7 @@ impl Metrics {
         counters: &crate::engine::Counters,
         repairs: u64,
         rmse: f64,
+        (calibration, log_loss): (f64, f64),
         mean_distance: f64,
     ) {
         let (flaps, labels, evicted) = (counters.flaps, counters.labels_matured, counters.evicted);
@@ -479,6 +492,8 @@ impl Metrics {
             evicted,
         };
         self.value_rmse.set(rmse);
+        self.value_calibration.set(calibration);
+        self.purchase_log_loss.set(log_loss);
         self.mean_distance.set(mean_distance);
     }
     pub fn duplicates_total(&self) -> u64 {

@@ -1,5 +1,6 @@
-//! The online models: a running standardiser, mini-batch k-means (segments) and AdaGrad SGD
-//! linear regression (predicted value). Pure and deterministic: seeded RNG, no clock, no I/O.
+//! The online models: a running standardiser, mini-batch k-means (segments) and a two-part value
+//! model of AdaGrad SGD regressions (purchase propensity × spend given a purchase). Pure and
+//! deterministic: seeded RNG, no clock, no I/O.
 
 use crate::features::{Vector, DIM};
 use ndarray::Array2;
@@ -567,6 +568,12 @@ impl Sgd {
     /// (progressive validation), so [`Sgd::mean_abs_error`] is an honest out-of-sample error.
     pub fn train(&mut self, x: &Vector, y: f64) {
         let e = self.predict(x) - y;
+        self.step(x, e);
+    }
+
+    /// One AdaGrad step for the error `e` of a prediction for `x` (the gradient of squared
+    /// error for [`Sgd::train`]; of log loss, `σ(·) - y`, for a logistic use).
+    fn step(&mut self, x: &Vector, e: f64) {
         self.abs_err_sum += e.abs();
         self.sq_err_sum += e * e;
         self.trained += 1;
@@ -599,6 +606,167 @@ impl Sgd {
         } else {
             self.abs_err_sum / self.trained as f64
         }
+    }
+}
+
+/// The expected net spend of a user over the value horizon, in currency, as a two-part
+/// ("hurdle") model trained online on delayed labels:
+///
+/// `E[spend] = P(buy) · E[spend | buy]`. `P(buy) = σ(logit(r) + f(x))` is a logistic regression
+/// on whether the window had any net spend, offset by the running base rate `r`; `E[spend | buy]
+/// = exp(μ(x) + σ²/2)` is the mean of a log-normal whose `μ(x) = m + g(x)` is a linear regression
+/// of `ln(spend)` around its running mean `m` over windows with spend, and `σ²` the running
+/// variance of its residuals (scored before each step). The offsets make the model calibrated
+/// from its first labels (with no signal yet it predicts the population's mean spend) while the
+/// AdaGrad regressions `f` and `g` learn what separates users. Regressing `ln(1 + spend)` over all
+/// windows and publishing `expm1` of it (what this replaced) gives a geometric mean, far below the
+/// mean when most windows are empty: about 0.11× the spend on a held-out cohort.
+///
+/// Every label is scored before the models learn from it (progressive validation): the sums of
+/// predicted and actual spend give the calibration, and the propensity's log loss is kept.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ValueModel {
+    buy: Sgd,
+    log_spend: Sgd,
+    /// Running share of windows with spend, mean of `ln(spend)` and variance of the residuals
+    /// (exponential windows of [`MEMORY`] labels after the first ones).
+    base_rate: f64,
+    mean_log: f64,
+    log_var: f64,
+    labels: u64,
+    buyers: u64,
+    predicted_sum: f64,
+    actual_sum: f64,
+    abs_err_sum: f64,
+    sq_err_sum: f64,
+    log_loss_sum: f64,
+}
+
+/// Labels the running base rate, mean and variance remember (plain means before that many).
+const MEMORY: f64 = 5_000.0;
+/// Largest `ln(spend)` and residual variance believed: spends beyond e^25 are not currency, and
+/// a variance past 4 (a factor e^2 from the correction alone) is a model still learning.
+const MAX_LOG_SPEND: f64 = 25.0;
+const MAX_LOG_VAR: f64 = 4.0;
+
+fn running(mean: &mut f64, x: f64, n: u64) {
+    *mean += (x - *mean) * (1.0 / n as f64).max(1.0 / MEMORY);
+}
+
+impl ValueModel {
+    pub fn new(lr: f64, l2: f64) -> Self {
+        Self {
+            buy: Sgd::new(lr, l2),
+            log_spend: Sgd::new(lr, l2),
+            base_rate: 0.0,
+            mean_log: 0.0,
+            log_var: 0.0,
+            labels: 0,
+            buyers: 0,
+            predicted_sum: 0.0,
+            actual_sum: 0.0,
+            abs_err_sum: 0.0,
+            sq_err_sum: 0.0,
+            log_loss_sum: 0.0,
+        }
+    }
+
+    fn logit_offset(&self) -> f64 {
+        let r = self.base_rate.clamp(1e-4, 1.0 - 1e-4);
+        (r / (1.0 - r)).ln()
+    }
+
+    /// P(any net spend within the horizon); 0 before the first label.
+    pub fn purchase_probability(&self, x: &Vector) -> f64 {
+        if self.labels == 0 {
+            return 0.0;
+        }
+        let z = (self.logit_offset() + self.buy.predict(x)).clamp(-35.0, 35.0);
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    /// Expected spend given a purchase: the log-normal mean `exp(μ + σ²/2)`.
+    pub fn spend_if_buying(&self, x: &Vector) -> f64 {
+        if self.buyers == 0 {
+            return 0.0;
+        }
+        let mu = (self.mean_log + self.log_spend.predict(x)).min(MAX_LOG_SPEND);
+        (mu + self.log_var.min(MAX_LOG_VAR) / 2.0).exp()
+    }
+
+    /// Expected net spend over the horizon, in currency.
+    pub fn predict(&self, x: &Vector) -> f64 {
+        self.purchase_probability(x) * self.spend_if_buying(x)
+    }
+
+    /// Scores the prediction for `x` against the label `spend` (net spend in the window; a
+    /// negative one counts as none), then learns from it.
+    pub fn train(&mut self, x: &Vector, spend: f64) {
+        let spend = if spend.is_finite() {
+            spend.max(0.0)
+        } else {
+            0.0
+        };
+        let bought = spend > 0.0;
+        let predicted = self.predict(x);
+        if self.labels > 0 {
+            let p = self.purchase_probability(x).clamp(1e-6, 1.0 - 1e-6);
+            self.log_loss_sum -= if bought { p.ln() } else { (1.0 - p).ln() };
+        }
+        self.predicted_sum += predicted;
+        self.actual_sum += spend;
+        self.abs_err_sum += (predicted - spend).abs();
+        self.sq_err_sum += (predicted - spend).powi(2);
+        let y = if bought { 1.0 } else { 0.0 };
+        if self.labels > 0 {
+            let e = self.purchase_probability(x) - y;
+            self.buy.step(x, e);
+        }
+        self.labels += 1;
+        running(&mut self.base_rate, y, self.labels);
+        if bought {
+            let y = spend.ln().min(MAX_LOG_SPEND);
+            self.buyers += 1;
+            if self.buyers > 1 {
+                let r = y - self.mean_log - self.log_spend.predict(x);
+                running(&mut self.log_var, r * r, self.buyers - 1);
+                self.log_spend.train(x, y - self.mean_log);
+            }
+            running(&mut self.mean_log, y, self.buyers);
+        }
+    }
+
+    /// Labels learned from.
+    pub fn labels(&self) -> u64 {
+        self.labels
+    }
+
+    /// Σ predicted ÷ Σ actual over the labels so far, each predicted before it was learned
+    /// (1 is calibrated; 0 before any spend was seen).
+    pub fn calibration(&self) -> f64 {
+        if self.actual_sum > 0.0 {
+            self.predicted_sum / self.actual_sum
+        } else {
+            0.0
+        }
+    }
+
+    /// Progressive mean absolute and root mean squared error, in currency.
+    pub fn errors(&self) -> (f64, f64) {
+        let n = self.labels.max(1) as f64;
+        (self.abs_err_sum / n, (self.sq_err_sum / n).sqrt())
+    }
+
+    /// Progressive mean log loss of the purchase propensity (ln 2 ≈ 0.69 is a coin).
+    pub fn log_loss(&self) -> f64 {
+        self.log_loss_sum / self.labels.saturating_sub(1).max(1) as f64
+    }
+}
+
+impl Default for ValueModel {
+    /// The configuration's defaults (a saved model from before this model loads with it).
+    fn default() -> Self {
+        Self::new(0.05, 1e-4)
     }
 }
 
@@ -722,6 +890,78 @@ mod tests {
         x[1] = -0.5;
         assert_relative_eq!(sgd.predict(&x), 3.5, epsilon = 0.05);
         assert_eq!(sgd.examples(), 20_000);
+    }
+}
+
+#[cfg(test)]
+mod value_tests {
+    use super::*;
+
+    /// Users whose purchase odds follow `x[0]` and whose log-normal spend follows `x[1]`.
+    fn population(rng: &mut ChaCha8Rng) -> (Vector, f64) {
+        let mut x = [0.0; DIM];
+        x[0] = rng.random::<f64>() * 2.0 - 1.0;
+        x[1] = rng.random::<f64>() * 2.0 - 1.0;
+        let p = 1.0 / (1.0 + (-(-1.5 + 1.5 * x[0])).exp());
+        let spend = if rng.random::<f64>() < p {
+            let u1: f64 = rng.random::<f64>().max(1e-12);
+            let u2: f64 = rng.random();
+            let n = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            (4.0 + 0.8 * x[1] + 0.7 * n).exp()
+        } else {
+            0.0
+        };
+        (x, spend)
+    }
+
+    #[test]
+    fn the_value_is_calibrated_in_currency_once_trained() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut m = ValueModel::new(0.05, 1e-4);
+        for _ in 0..50_000 {
+            let (x, y) = population(&mut rng);
+            m.train(&x, y);
+        }
+        let (mut predicted, mut actual, mut buyers_p, mut others_p) = (0.0, 0.0, 0.0, 0.0);
+        for _ in 0..20_000 {
+            let (x, y) = population(&mut rng);
+            predicted += m.predict(&x);
+            actual += y;
+            if x[0] > 0.5 {
+                buyers_p += m.purchase_probability(&x);
+            } else if x[0] < -0.5 {
+                others_p += m.purchase_probability(&x);
+            }
+        }
+        let ratio = predicted / actual;
+        assert!(
+            (0.9..=1.1).contains(&ratio),
+            "Σ predicted ÷ Σ actual {ratio:.3}"
+        );
+        assert!(buyers_p > 2.0 * others_p, "propensity follows the odds");
+        assert!(
+            (0.8..=1.25).contains(&m.calibration()),
+            "{}",
+            m.calibration()
+        );
+        assert!(m.log_loss() < std::f64::consts::LN_2, "{}", m.log_loss());
+    }
+
+    #[test]
+    fn with_no_signal_yet_the_value_is_the_population_mean() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let mut m = ValueModel::new(0.05, 1e-4);
+        assert_eq!(m.predict(&[0.0; DIM]), 0.0);
+        let mut total = 0.0;
+        for _ in 0..2_000 {
+            let (_, y) = population(&mut rng);
+            // Features that say nothing: only the offsets can learn.
+            m.train(&[0.0; DIM], y);
+            total += y;
+        }
+        let mean = total / 2_000.0;
+        let ratio = m.predict(&[0.0; DIM]) / mean;
+        assert!((0.8..=1.25).contains(&ratio), "{ratio:.3}");
     }
 }
 

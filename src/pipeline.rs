@@ -1174,6 +1174,7 @@ fn refresh_gauges(metrics: &Metrics, mirror: &mut Mirror, engine: &Engine) {
         &c,
         engine.kmeans_repairs(),
         rmse,
+        engine.value_calibration(),
         engine.mean_distance(),
     );
 }

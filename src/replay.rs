@@ -55,10 +55,13 @@ pub struct ReplayReport {
     /// k-means inertia of the final assignment, and the users it covers.
     pub inertia: f64,
     pub users_assigned: usize,
-    /// Progressive errors of the value model (log1p units) and its number of labels.
+    /// Progressive errors of the predicted value (currency) and its number of labels.
     pub value_mae: f64,
     pub value_rmse: f64,
     pub value_labels: u64,
+    /// Progressive Σ predicted ÷ Σ actual value, and the purchase propensity's log loss.
+    pub value_calibration: f64,
+    pub purchase_log_loss: f64,
 }
 
 /// A line that could not be used, as written to the dead-letter file.
@@ -206,6 +209,7 @@ pub fn replay(
     report.value_mae = mae;
     report.value_rmse = rmse;
     report.value_labels = labels;
+    (report.value_calibration, report.purchase_log_loss) = engine.value_calibration();
     Ok((engine, report))
 }
 
