@@ -85,13 +85,16 @@ impl Owned {
     }
 }
 
-/// Context of the changelog reader: reaching the end of the partition is the point, not an error.
-struct EndOfLog;
+/// Context of the readers of the changelog and the model topic: reaching the end of the
+/// partition is the point, not an error (librdkafka's default context logs it at ERROR).
+pub struct EndOfLog;
 
 impl rdkafka::ClientContext for EndOfLog {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::warn!(error = %error, reason, "Changelog reader error.");
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            debug!(error = %error, "End of partition.");
+        } else {
+            tracing::warn!(error = %error, reason, "Changelog or model reader error.");
         }
     }
 }
@@ -423,14 +426,14 @@ pub const MODEL_KEY: &[u8] = b"segstream.models";
 /// A consumer of the model topic from its start, reporting its end (`enable.partition.eof`):
 /// the pipeline reads it to the end for the latest models before consuming input, then keeps
 /// following it. Blocking (it waits for the topic's metadata): run it off the async workers.
-pub fn model_follower(settings: &Settings) -> Result<StreamConsumer, KafkaError> {
+pub fn model_follower(settings: &Settings) -> Result<StreamConsumer<EndOfLog>, KafkaError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &settings.kafka.brokers)
         .set("group.id", format!("{}-models", settings.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true");
     apply_properties(&mut cfg, &settings.kafka.properties);
-    let consumer: StreamConsumer = cfg.create()?;
+    let consumer: StreamConsumer<EndOfLog> = cfg.create_with_context(EndOfLog)?;
     assign_from_start(&consumer, &settings.kafka.topics.model, 0)?;
     Ok(consumer)
 }

@@ -56,6 +56,8 @@ pub struct UserDump {
     pub user_id: String,
     pub segment: Option<u32>,
     pub predicted_value: f64,
+    /// P(a purchase within the value horizon), as of the dump.
+    pub purchase_probability: f64,
     pub events: u64,
     pub features: serde_json::Map<String, serde_json::Value>,
     /// The vector the models see (standardised, clipped, weighted).
@@ -506,7 +508,8 @@ impl Engine {
             state.events_in_segment = state.events_in_segment.saturating_add(1);
             let after = state.vector(params);
             models.open_label(state, t, &after);
-            let (old, decision) = models.update_user(state, &after, t, rules, trainer);
+            let cold = state.recent_spend_over(t, rules.horizon_ms, params);
+            let (old, decision) = models.update_user(state, (&after, cold), t, rules, trainer);
             let outcome = if late {
                 Outcome::Late { applied: true }
             } else {
@@ -674,7 +677,8 @@ impl Engine {
                 // otherwise z-scores (and so descriptions) compare everyone's present with the
                 // moment of their last event, and every segment reads "lapsed"; and centroids
                 // would describe only the recently active users' vectors.
-                let (old, d) = models.update_user(state, &x, at, rules, trainer);
+                let cold = state.recent_spend_over(at, rules.horizon_ms, params);
+                let (old, d) = models.update_user(state, (&x, cold), at, rules, trainer);
                 if account(sizes, values, old, state.predicted_value, d.as_ref()) {
                     flaps += 1;
                 }
@@ -975,10 +979,14 @@ impl Engine {
         (v.calibration(), v.log_loss())
     }
 
-    /// P(a purchase within the value horizon) for a user's current vector.
-    pub fn purchase_probability(&self, state: &UserState) -> f64 {
-        let z = self.models.scaler.transform(&state.vector(&self.params));
-        self.models.value.purchase_probability(&z)
+    /// Where predicted values come from now: `cold_start` (each user's own recent spend rate
+    /// over the horizon), `blended` (moving to the model as it learns) or `model`.
+    pub fn value_source(&self) -> &'static str {
+        match self.models.value.maturity() {
+            w if w <= 0.0 => "cold_start",
+            w if w < 1.0 => "blended",
+            _ => "model",
+        }
     }
 
     /// Mean distance of recent events' vectors to their nearest centroid (exponentially
@@ -1054,17 +1062,19 @@ impl Engine {
             .into_iter()
             .map(|(id, s): (UserId, UserState)| {
                 let x = s.vector_at(self.watermark_ms, &self.params);
+                let z = self.models.scaler.transform(&x);
                 UserDump {
                     user_id: id.as_str().to_owned(),
                     segment: s.segment,
                     predicted_value: s.predicted_value,
+                    purchase_probability: self.models.value.purchase_probability(&z),
                     events: s.events,
                     features: s
                         .named_at(self.watermark_ms, &self.params)
                         .into_iter()
                         .map(|(k, v)| (k, serde_json::json!(v)))
                         .collect(),
-                    model_vector: self.models.scaler.transform(&x).to_vec(),
+                    model_vector: z.to_vec(),
                 }
             })
             .collect()
@@ -1145,12 +1155,13 @@ impl Models {
     }
 
     /// One user's vector `x` at `t` through the models: standardised (the scaler learns from it
-    /// if `learn`), a new predicted value, and the segment decision (k-means learns from it if
-    /// `learn`). Returns the (segment, predicted value) before, and the decision if it changed.
+    /// if `learn`), a new predicted value (blended with the user's `cold` estimate while the
+    /// value model is young), and the segment decision (k-means learns from it if `learn`).
+    /// Returns the (segment, predicted value) before, and the decision if it changed.
     fn update_user(
         &mut self,
         state: &mut UserState,
-        x: &Vector,
+        (x, cold): (&Vector, f64),
         t: i64,
         rules: &Rules,
         learn: bool,
@@ -1160,7 +1171,8 @@ impl Models {
         }
         let z = self.scaler.transform(x);
         let old = (state.segment, state.predicted_value);
-        state.predicted_value = self.predict(&z);
+        let w = self.value.maturity();
+        state.predicted_value = w * self.predict(&z) + (1.0 - w) * cold;
         (old, self.decide(state, &z, t, rules, learn))
     }
 
@@ -1219,6 +1231,34 @@ mod tests {
     use crate::generate::Generator;
 
     const T0: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn before_any_label_matures_the_value_is_the_users_own_spend_and_says_so() {
+        let mut e = Engine::new(&RawConfig::default().validate().unwrap());
+        let order = Event::Purchase(crate::event::PurchaseEvent {
+            event_id: "o1".into(),
+            user_id: "buyer".into(),
+            event_time: T0,
+            order_id: "o1".into(),
+            status: crate::event::OrderStatus::Placed,
+            items: vec![crate::event::LineItem {
+                product_id: "p".into(),
+                category: "home".into(),
+                quantity: 1,
+                unit_price: 80.0,
+                description: None,
+            }],
+            total: 80.0,
+            currency: "GBP".into(),
+        });
+        e.apply(&order, T0);
+        e.apply(&click("c1", "browser", T0), T0);
+        assert_eq!(e.value_source(), "cold_start");
+        let value = e.user("buyer").unwrap().predicted_value;
+        // ln 2 · 30 days / the 30-day long half-life of the order.
+        assert!((50.0..=60.0).contains(&value), "{value}");
+        assert_eq!(e.user("browser").unwrap().predicted_value, 0.0);
+    }
 
     fn click(id: &str, user: &str, t: i64) -> Event {
         Event::Click(ClickEvent {

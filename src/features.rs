@@ -768,6 +768,24 @@ impl UserState {
         self.embed.iter_mut().for_each(|x| *x *= fm);
     }
 
+    /// The user's own recent net spend rate at `t` (not earlier than the latest event) times
+    /// `horizon_ms`: the cold-start value, before the value model has learnt. The rate is the
+    /// long-decayed net spend read as a rate per day, as the behaviour rates are: a steady
+    /// buyer's true rate, and for a newcomer a rate as if they had been watched for the whole
+    /// decay window, which shrinks one first purchase (to ln 2 · horizon / half-life of it)
+    /// instead of extrapolating a few days of tenure.
+    pub fn recent_spend_over(&self, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
+        let d = &p.decays[HALF_LIVES - 1];
+        let t = t.max(self.anchor_ms);
+        let spend = self.sums[SPEND].max(0.0) * d.factor(t - self.anchor_ms);
+        let value = d.per_day(spend) * horizon_ms as f64 / DAY_MS;
+        if value.is_finite() {
+            value
+        } else {
+            0.0
+        }
+    }
+
     /// Net spend of a purchase event (negative for cancellations and refunds).
     pub fn net_spend(event: &Event) -> f64 {
         match event {
@@ -1071,6 +1089,29 @@ mod tests {
         }
         assert_relative_eq!(v[idx("category_0") + category_bucket("a")], 1.0);
         assert_eq!(s.events, 120);
+    }
+
+    /// The cold-start value: a steady buyer's own rate times the horizon; a single purchase,
+    /// ln 2 · horizon / half-life of itself; a user who never bought, nothing; an idle one, less.
+    #[test]
+    fn the_cold_start_value_is_the_users_own_spend_rate_over_the_horizon() {
+        let p = params();
+        let horizon = 30 * DAY;
+        // 10 a week for a year: about 43 over 30 days.
+        let mut steady = UserState::default();
+        for w in 0..52 {
+            steady.apply(&order(w * 7 * DAY, 10.0, OrderStatus::Placed), &p);
+        }
+        let v = steady.recent_spend_over(51 * 7 * DAY, horizon, &p);
+        assert!((35.0..=55.0).contains(&v), "{v}");
+        let mut once = UserState::default();
+        once.apply(&order(0, 100.0, OrderStatus::Placed), &p);
+        let first = once.recent_spend_over(0, horizon, &p);
+        assert_relative_eq!(first, 100.0 * std::f64::consts::LN_2, epsilon = 1e-6);
+        assert!(once.recent_spend_over(90 * DAY, horizon, &p) < first / 2.0);
+        let mut browser = UserState::default();
+        browser.apply(&view(0, "a"), &p);
+        assert_eq!(browser.recent_spend_over(0, horizon, &p), 0.0);
     }
 
     /// A user sending 100 events a second (a bot, or an id many people share) decays its sums

@@ -30,6 +30,11 @@ pub struct Catalogue {
     pub model_version: u64,
     /// Whether this instance trains the models (else it applies the trainer's).
     pub trainer: bool,
+    /// Where predicted values come from: `cold_start`, `blended` or `model`
+    /// ([`Engine::value_source`]).
+    pub value_source: String,
+    /// Progressive Σ predicted ÷ Σ actual value on matured labels (0 before any).
+    pub value_calibration: f64,
     pub segments: Vec<SegmentInfo>,
 }
 
@@ -74,6 +79,8 @@ impl PipelineLink {
         let c = Catalogue {
             model_version: engine.model_version(),
             trainer: engine.is_trainer(),
+            value_source: engine.value_source().to_owned(),
+            value_calibration: engine.value_calibration().0,
             segments: engine.segments(),
         };
         *self.catalogue.write().unwrap_or_else(|p| p.into_inner()) = c;
@@ -174,6 +181,8 @@ struct Profile {
     segment: Option<u32>,
     segment_label: Option<String>,
     predicted_value: f64,
+    /// `cold_start`, `blended` or `model`: see [`Catalogue::value_source`].
+    value_source: String,
     version: i64,
     events: u64,
     last_event_time: i64,
@@ -184,15 +193,19 @@ async fn user(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     let Some(state) = s.store.get(&id) else {
         return (StatusCode::NOT_FOUND, "unknown user\n").into_response();
     };
-    let label = state.segment.and_then(|seg| {
+    let (label, value_source) = {
         let c = s.catalogue.read().unwrap_or_else(|p| p.into_inner());
-        c.segments.get(seg as usize).map(|i| i.label.clone())
-    });
+        let label = state
+            .segment
+            .and_then(|seg| c.segments.get(seg as usize).map(|i| i.label.clone()));
+        (label, c.value_source.clone())
+    };
     Json(Profile {
         user_id: id,
         segment: state.segment,
         segment_label: label,
         predicted_value: state.predicted_value,
+        value_source,
         version: state.version,
         events: state.events,
         last_event_time: state.anchor_ms,

@@ -642,6 +642,9 @@ pub struct ValueModel {
     log_loss_sum: f64,
 }
 
+/// Labels, and labels with spend, after which the model alone gives the value.
+const WARM_LABELS: f64 = 1_000.0;
+const WARM_BUYERS: f64 = 100.0;
 /// Labels the running base rate, mean and variance remember (plain means before that many).
 const MEMORY: f64 = 5_000.0;
 /// Largest `ln(spend)` and residual variance believed: spends beyond e^25 are not currency, and
@@ -734,6 +737,15 @@ impl ValueModel {
             }
             running(&mut self.mean_log, y, self.buyers);
         }
+    }
+
+    /// How far the model is trusted over the cold-start rule, in [0, 1]: it rises linearly to 1
+    /// at [`WARM_LABELS`] labels of which [`WARM_BUYERS`] had spend (the regressions need
+    /// examples of both parts before their weights mean more than the offsets).
+    pub fn maturity(&self) -> f64 {
+        (self.labels as f64 / WARM_LABELS)
+            .min(self.buyers as f64 / WARM_BUYERS)
+            .min(1.0)
     }
 
     /// Labels learned from.

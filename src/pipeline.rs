@@ -8,8 +8,8 @@
 //! auto-commits stored offsets, and we commit synchronously on revoke and on shutdown.
 
 use crate::checkpoint::{
-    self, model_follower, partition_counts, restore_partition, CheckpointError, Owned, Snapshot,
-    Written,
+    self, model_follower, partition_counts, restore_partition, CheckpointError, EndOfLog, Owned,
+    Snapshot, Written,
 };
 use crate::config::Settings;
 use crate::decode::{Ahead, DecodeError, Decoder, ScratchPair, Spare};
@@ -580,7 +580,7 @@ fn poll_now<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output>
 }
 
 /// Reads the model topic to its end; the last models on it, if any.
-async fn latest_models(follower: &StreamConsumer) -> Option<Vec<u8>> {
+async fn latest_models(follower: &StreamConsumer<EndOfLog>) -> Option<Vec<u8>> {
     let mut latest = None;
     loop {
         match tokio::time::timeout(Duration::from_secs(30), follower.recv()).await {

@@ -210,6 +210,13 @@ pub fn replay(
     report.value_rmse = rmse;
     report.value_labels = labels;
     (report.value_calibration, report.purchase_log_loss) = engine.value_calibration();
+    if engine.value_source() != "model" {
+        tracing::warn!(
+            labels,
+            value_source = engine.value_source(),
+            "Few value labels matured (a label needs model.value_horizon of event time after an event): predicted values are still partly or wholly each user's recent spend rate over the horizon."
+        );
+    }
     Ok((engine, report))
 }
 

@@ -150,6 +150,12 @@ async fn the_api_serves_profiles_and_segments_and_erases_users() {
     assert_eq!(profile["user_id"], user);
     assert!(profile["events"].as_u64().unwrap() > 0);
     assert!(profile["features"]["monetary"].is_number());
+    // A fresh service's values come from each user's own spend until labels mature, and say so.
+    assert!(profile["predicted_value"].as_f64().unwrap() >= 0.0);
+    assert!(
+        ["cold_start", "blended", "model"].contains(&profile["value_source"].as_str().unwrap()),
+        "{profile}"
+    );
     assert!(
         profile["segment"].is_u64() && profile["segment_label"].is_string(),
         "{profile}"
