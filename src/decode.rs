@@ -29,6 +29,8 @@ pub enum DecodeError {
     MissingField(String),
     #[error("user_id is empty")]
     EmptyUserId,
+    #[error("user_id is {len} bytes, over the limit of {MAX_USER_ID_BYTES}")]
+    UserIdTooLong { len: usize },
     #[error("event_id is empty")]
     EmptyEventId,
     #[error("{0} is not a finite number")]
@@ -43,6 +45,10 @@ pub enum DecodeError {
     BadRating,
     #[error("event time is {skew_ms} ms away from now, outside the allowed range")]
     EventTimeOutOfRange { skew_ms: i64 },
+    /// Raised by the pipeline, not the decoder: the key would route the user's events to
+    /// another partition than the ones keyed by the user id, splitting the user's state.
+    #[error("message key is not the event's user_id (producers must key by user id)")]
+    KeyMismatch,
     /// Raised by the engine, not the decoder, under `features.late_policy = "dead_letter"`.
     #[error("event is older than the user's latest event by more than features.allowed_lateness")]
     TooLate,
@@ -60,6 +66,7 @@ impl DecodeError {
             DecodeError::InvalidJson(_) => "invalid_json",
             DecodeError::MissingField(_) => "missing_field",
             DecodeError::EmptyUserId => "empty_user_id",
+            DecodeError::UserIdTooLong { .. } => "user_id_too_long",
             DecodeError::EmptyEventId => "empty_event_id",
             DecodeError::NonFinite(_) => "non_finite",
             DecodeError::Negative(_) => "negative_value",
@@ -67,12 +74,13 @@ impl DecodeError {
             DecodeError::NoItems => "no_items",
             DecodeError::BadRating => "bad_rating",
             DecodeError::EventTimeOutOfRange { .. } => "event_time_out_of_range",
+            DecodeError::KeyMismatch => "key_mismatch",
             DecodeError::TooLate => "too_late",
         }
     }
 
     /// Every code, for documentation and for pre-registering metric series.
-    pub const CODES: [&'static str; 16] = [
+    pub const CODES: [&'static str; 18] = [
         "too_large",
         "empty",
         "bad_magic",
@@ -81,6 +89,7 @@ impl DecodeError {
         "invalid_json",
         "missing_field",
         "empty_user_id",
+        "user_id_too_long",
         "empty_event_id",
         "non_finite",
         "negative_value",
@@ -88,8 +97,18 @@ impl DecodeError {
         "no_items",
         "bad_rating",
         "event_time_out_of_range",
+        "key_mismatch",
         "too_late",
     ];
+
+    /// `KeyMismatch` when a message's key is present and is not `user_id`. A message without a
+    /// key is accepted: it is the producer's partitioner, not the key, that placed it.
+    pub fn check_key(key: Option<&[u8]>, user_id: &str) -> Result<(), DecodeError> {
+        match key {
+            Some(k) if k != user_id.as_bytes() => Err(DecodeError::KeyMismatch),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Decodes and validates messages of the three input topics. Build once, reuse per message.
@@ -380,10 +399,21 @@ fn finite_embedding(e: &Option<Vec<f32>>) -> Result<(), DecodeError> {
     }
 }
 
+/// Longest user id accepted, in bytes. An id is a key, not content: longer ones could not be
+/// addressed over HTTP (`GET /users/{id}` answers 414 past about 64 KiB) and would make every
+/// record published for the user as large as the id (a 600 KB id once made a segment change
+/// exceed the producer's limit).
+pub const MAX_USER_ID_BYTES: usize = 1024;
+
 /// The semantic rules every event must satisfy, whatever its wire format.
 pub fn validate(event: &Event) -> Result<(), DecodeError> {
     if event.user_id().trim().is_empty() {
         return Err(DecodeError::EmptyUserId);
+    }
+    if event.user_id().len() > MAX_USER_ID_BYTES {
+        return Err(DecodeError::UserIdTooLong {
+            len: event.user_id().len(),
+        });
     }
     if event.event_id().is_empty() {
         return Err(DecodeError::EmptyEventId);
@@ -430,6 +460,29 @@ mod tests {
     use crate::encode::encode_event;
     use crate::event::{ClickKind, LineItem};
     use proptest::prelude::*;
+
+    #[test]
+    fn a_user_id_over_the_limit_is_refused_with_its_own_code() {
+        let d = decoder();
+        let id = DecodeConfig::default().schema_ids.clickstream;
+        let mut c = click();
+        c.user_id = "u".repeat(MAX_USER_ID_BYTES);
+        let ok = encode_event(&Event::Click(c.clone()), WireFormat::Avro, id);
+        assert!(d.decode(Source::Clickstream, &ok, None).is_ok());
+        c.user_id.push('u');
+        let long = encode_event(&Event::Click(c), WireFormat::Avro, id);
+        let e = d.decode(Source::Clickstream, &long, None).unwrap_err();
+        assert_eq!(e.code(), "user_id_too_long");
+    }
+
+    #[test]
+    fn a_key_other_than_the_user_id_is_refused_and_no_key_is_accepted() {
+        assert!(DecodeError::check_key(Some(b"user-1"), "user-1").is_ok());
+        assert!(DecodeError::check_key(None, "user-1").is_ok());
+        let e = DecodeError::check_key(Some(b"user-2"), "user-1").unwrap_err();
+        assert_eq!(e.code(), "key_mismatch");
+        assert!(DecodeError::CODES.contains(&e.code()));
+    }
 
     fn click() -> ClickEvent {
         ClickEvent {

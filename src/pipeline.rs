@@ -418,25 +418,29 @@ pub async fn run_with_api(
                 if burst < BURST {
                     next = look_ahead(&consumer, settings, &decoder, spare, &engine, now);
                 }
-                let applied = engine.apply_in(event, now, partition);
-                match applied.outcome {
-                    Outcome::Applied => metrics.applied(source),
-                    Outcome::Duplicate => metrics.duplicate(source),
-                    Outcome::Late { applied } => {
-                        metrics.late(source, applied);
-                        if applied {
-                            metrics.applied(source);
-                        } else {
-                            unusable = Some(DecodeError::TooLate);
+                if let Err(e) = DecodeError::check_key(msg.key(), event.user_id()) {
+                    unusable = Some(e);
+                } else {
+                    let applied = engine.apply_in(event, now, partition);
+                    match applied.outcome {
+                        Outcome::Applied => metrics.applied(source),
+                        Outcome::Duplicate => metrics.duplicate(source),
+                        Outcome::Late { applied } => {
+                            metrics.late(source, applied);
+                            if applied {
+                                metrics.applied(source);
+                            } else {
+                                unusable = Some(DecodeError::TooLate);
+                            }
                         }
                     }
-                }
-                for change in applied.changes {
-                    match publish_change(&producer, settings, &change).await {
-                        Ok(d) => deliveries.push(d),
-                        Err(e) => {
-                            result = Err(PipelineError::Kafka(e));
-                            break;
+                    for change in applied.changes {
+                        match publish_change(&producer, settings, &change).await {
+                            Ok(d) => deliveries.push(d),
+                            Err(e) => {
+                                result = Err(PipelineError::Kafka(e));
+                                break;
+                            }
                         }
                     }
                 }

@@ -9,6 +9,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use segstream::event::Source;
+use segstream::generate::Record;
 use std::time::{Duration, Instant};
 
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -137,4 +138,38 @@ async fn oversized_inputs_are_dead_lettered_within_the_limit_and_processing_goes
         1 + 5,
         "the original header is kept, as bytes"
     );
+}
+
+/// Five events of a user keyed by the user id, one keyed by another id (which a producer's
+/// partitioner would send to another partition), five more: the odd one is dead-lettered as
+/// `key_mismatch`, never applied, and the user has the ten others, not a split state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_is_not_the_user_id_is_dead_lettered_and_the_user_is_not_split() {
+    let settings = fresh_settings("keys", 2).await;
+    let mut g = segstream::generate::Generator::new(3, 1, 0.0);
+    let mut records: Vec<Record> = (0..11)
+        .map(|_| g.next_record(segstream::pipeline::wall_ms(), &settings.decode))
+        .collect();
+    let user = records[0].key.clone();
+    records[5].key = format!("{user}-somebody-else");
+    produce(&settings, records).await;
+
+    let (metrics, store, cancel, task) = start(&settings);
+    let done = wait_for(PATIENCE, || {
+        metrics.consumed_total() == 11 && metrics.dead_letters_total() == 1
+    })
+    .await;
+    let events = store.get(&user).map(|s| s.events);
+    cancel.cancel();
+    assert!(task.await.unwrap().is_ok());
+    assert!(
+        done,
+        "consumed {}, dead letters {}",
+        metrics.consumed_total(),
+        metrics.dead_letters_total()
+    );
+    assert_eq!(events, Some(10), "the ten events keyed by the user id");
+    let dead = read_dead_letters(&settings, 1);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].code, "key_mismatch");
 }
