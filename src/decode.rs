@@ -375,6 +375,11 @@ pub fn decode_json(source: Source, payload: &[u8]) -> Result<Event, DecodeError>
             }
         })
     }
+    // serde also reads a struct from an array of its fields in order; the documented wire format
+    // is one object, and an array would silently depend on the schema's field order.
+    if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(DecodeError::InvalidJson("expected one JSON object".into()));
+    }
     Ok(match source {
         Source::Clickstream => Event::Click(parse::<ClickEvent>(payload)?),
         Source::Purchases => Event::Purchase(parse::<PurchaseEvent>(payload)?),
@@ -460,6 +465,18 @@ mod tests {
     use crate::encode::encode_event;
     use crate::event::{ClickKind, LineItem};
     use proptest::prelude::*;
+
+    #[test]
+    fn json_input_is_one_object_not_an_array_of_fields() {
+        let json = encode_event(&Event::Click(click()), WireFormat::Json, 0);
+        assert!(decode_json(Source::Clickstream, &json).is_ok());
+        let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let fields: Vec<serde_json::Value> = value.as_object().unwrap().values().cloned().collect();
+        let array = serde_json::to_vec(&fields).unwrap();
+        let e = decode_json(Source::Clickstream, &array).unwrap_err();
+        assert_eq!(e.code(), "invalid_json");
+        assert!(e.to_string().contains("one JSON object"), "{e}");
+    }
 
     #[test]
     fn a_user_id_over_the_limit_is_refused_with_its_own_code() {
