@@ -534,9 +534,9 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             command: ConfigCommand::Check { file },
         } => {
             let raw = RawConfig::load(file.as_deref())?;
-            let effective = serde_json::to_value(&raw)?;
+            let effective = raw.redacted_json();
             raw.validate()?;
-            // Printed as JSON: the same keys and nesting as the TOML file.
+            // Printed as JSON: the same keys and nesting as the TOML file, secrets redacted.
             println!("{}", serde_json::to_string_pretty(&effective)?);
             Ok(())
         }

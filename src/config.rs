@@ -484,8 +484,10 @@ impl Default for HttpConfig {
 pub enum ConfigError {
     #[error("cannot read configuration: {0}")]
     Load(#[from] Box<figment::Error>),
-    #[error("kafka.brokers: must not be empty")]
+    #[error("kafka.brokers: must list host:port entries separated by commas, none of them empty")]
     NoBrokers,
+    #[error("http.token: is empty, which would serve the API without authentication; set a token, or remove the key to serve without one")]
+    EmptyToken,
     #[error("kafka.group_id: must not be empty")]
     NoGroup,
     #[error("kafka.topics.{0}: must not be empty")]
@@ -578,8 +580,16 @@ impl RawConfig {
 
     pub fn validate(self) -> Result<Settings, ConfigError> {
         let k = &self.kafka;
-        if k.brokers.trim().is_empty() {
+        if k.brokers.split(',').any(|b| b.trim().is_empty()) {
             return Err(ConfigError::NoBrokers);
+        }
+        if self
+            .http
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError::EmptyToken);
         }
         if k.group_id.trim().is_empty() {
             return Err(ConfigError::NoGroup);
@@ -705,8 +715,35 @@ impl RawConfig {
             pipeline: self.pipeline,
             state: self.state,
             http_bind,
-            http_token: self.http.token.filter(|t| !t.is_empty()),
+            http_token: self.http.token,
         })
+    }
+
+    /// The configuration as JSON (the file's keys and nesting) with secrets replaced by
+    /// `"<redacted>"`: `http.token`, and every property whose name has password or secret in it
+    /// or ends in token (`sasl.password`, `ssl.key.password`, `sasl.oauthbearer.client.secret`).
+    pub fn redacted_json(&self) -> serde_json::Value {
+        fn redact(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map.iter_mut() {
+                        let k = k.to_ascii_lowercase();
+                        let secret =
+                            k.contains("password") || k.contains("secret") || k.ends_with("token");
+                        if secret && v.is_string() {
+                            *v = serde_json::Value::String("<redacted>".into());
+                        } else {
+                            redact(v);
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+                _ => {}
+            }
+        }
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        redact(&mut v);
+        v
     }
 }
 
@@ -756,6 +793,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("http.bind"));
+    }
+
+    #[test]
+    fn an_empty_token_or_broker_entry_is_refused_not_taken_as_none() {
+        let mut raw = RawConfig::default();
+        raw.http.token = Some(" ".into());
+        assert!(matches!(raw.validate(), Err(ConfigError::EmptyToken)));
+        let mut raw = RawConfig::default();
+        raw.kafka.brokers = " , ,".into();
+        assert!(matches!(raw.validate(), Err(ConfigError::NoBrokers)));
+        let mut raw = RawConfig::default();
+        raw.kafka.brokers = "a:9092, b:9092".into();
+        assert!(raw.validate().is_ok());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_the_printed_configuration() {
+        let mut raw = RawConfig::default();
+        raw.http.token = Some("t0ken".into());
+        raw.kafka
+            .properties
+            .insert("sasl.password".into(), "pa55".into());
+        raw.kafka
+            .properties
+            .insert("sasl.username".into(), "alice".into());
+        let printed = raw.redacted_json().to_string();
+        assert!(
+            !printed.contains("t0ken") && !printed.contains("pa55"),
+            "{printed}"
+        );
+        assert!(printed.contains("alice") && printed.contains("<redacted>"));
     }
 
     #[test]
