@@ -126,6 +126,9 @@ struct Rules {
     half_life_days: [f64; 3],
     ttl_ms: i64,
     max_users: usize,
+    /// The version clock: processing time × [`VERSIONS_PER_MS`], set on each call that can
+    /// decide ([`Engine::set_version_clock`]); a new version is at least this.
+    version_clock: i64,
 }
 
 /// The engine's state beyond the users: what a checkpoint writes next to the changelog, so a
@@ -208,6 +211,10 @@ fn version_base(watermark_ms: i64) -> i64 {
     watermark_ms.max(0).saturating_mul(1_000)
 }
 
+/// Versions per millisecond of the version clock: a user's version is the larger of its last
+/// one plus one and processing time × this, so it grows by one per change and jumps with time.
+const VERSIONS_PER_MS: i64 = 1 << 20;
+
 /// How far past `max_users` the map may grow (at most) before the least recently seen are
 /// evicted down to `max_users`: 1 %, at least one user.
 fn eviction_slack(max_users: usize) -> usize {
@@ -268,6 +275,7 @@ impl Engine {
                 half_life_days: f.half_lives.map(|d| d.as_secs_f64() / 86_400.0),
                 ttl_ms: ms(s.state.ttl),
                 max_users: s.state.max_users,
+                version_clock: i64::MIN,
             },
             segment_sizes: vec![0; m.k],
             segment_value: vec![0.0; m.k],
@@ -324,6 +332,16 @@ impl Engine {
         self.next_fit = g.next_fit;
         self.fits_left = g.fits_left;
         Ok(())
+    }
+
+    /// Versions of decisions made at processing time `now_ms` are at least `now_ms × 2^20`.
+    /// A restored user's counter does not know the changes published after the last checkpoint
+    /// and lost in a crash; the run after it decides later, so its versions order after them
+    /// (as long as instances' clocks agree to within a restart, and a user changes fewer than
+    /// 2^20 times a millisecond). Before this, versions restarted from the checkpoint's counter
+    /// and one version could mean two decisions.
+    fn set_version_clock(&mut self, now_ms: i64) {
+        self.rules.version_clock = now_ms.max(0).saturating_mul(VERSIONS_PER_MS);
     }
 
     /// Makes this engine the models' trainer, or a follower that only applies them.
@@ -471,6 +489,7 @@ impl Engine {
     /// [`Engine::apply`] for an event that arrived on `shard` (its input partition): the user's
     /// checkpoints belong to that shard.
     pub fn apply_in(&mut self, event: &Event, now_ms: i64, shard: i32) -> Applied {
+        self.set_version_clock(now_ms);
         let t = event.event_time();
         self.watermark_ms = self.watermark_ms.max(t);
         if self.next_sweep_ms == i64::MIN {
@@ -653,6 +672,7 @@ impl Engine {
     /// (idle users' labels too, so the value model also learns from users who stopped buying),
     /// and re-assigns users to the drifted centroids. Returns the resulting segment changes.
     pub fn sweep(&mut self, now_ms: i64) -> Vec<SegmentChange> {
+        self.set_version_clock(now_ms);
         let at = self.watermark_ms;
         self.next_sweep_ms = at.saturating_add(self.rules.sweep_ms);
         self.counters.sweeps += 1;
@@ -904,6 +924,7 @@ impl Engine {
         reason: ChangeReason,
         now_ms: i64,
     ) -> Option<SegmentChange> {
+        self.set_version_clock(now_ms);
         let (shard, state) = self.store.remove(user)?;
         self.models.kmeans.forget_user(user);
         self.count_out(&state);
@@ -921,7 +942,7 @@ impl Engine {
             distance: 0.0,
             confidence: 0.0,
             predicted_value: 0.0,
-            version: state.version + 1,
+            version: (state.version + 1).max(self.rules.version_clock),
             reason,
             event_time: self.watermark_ms.max(state.anchor_ms),
             emit_time: now_ms,
@@ -1213,7 +1234,7 @@ impl Models {
         state.segment = Some(best);
         state.segment_since_ms = t;
         state.events_in_segment = 0;
-        state.version += 1;
+        state.version = (state.version + 1).max(rules.version_clock);
         Some(Decision {
             prev,
             new: best,
