@@ -111,6 +111,22 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("metric registered once");
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "segstream_build_info",
+                "Always 1; the labels say which build runs.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        r.register(Box::new(build)).expect("metric registered once");
         let consumed = counter_vec(
             &r,
             "segstream_events_consumed_total",
@@ -660,7 +676,11 @@ mod tests {
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let mut parts = line.split_whitespace().skip(2);
             let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
-            assert!(name.starts_with("segstream_"), "{name}");
+            // Ours, or the standard process collector's (the names every exporter uses).
+            assert!(
+                name.starts_with("segstream_") || name.starts_with("process_"),
+                "{name}"
+            );
             assert_eq!(kind == "counter", name.ends_with("_total"), "{name}");
         }
         // Two services in one process do not share series.

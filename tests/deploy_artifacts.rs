@@ -29,19 +29,13 @@ fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
     (families, names)
 }
 
-/// The `segstream_*` identifiers a PromQL expression mentions.
+/// The `segstream_*` and `process_*` identifiers a PromQL expression mentions.
 fn metric_names(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("segstream_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    out
+    // Identifiers of the query that name segstream's metrics or the process collector's.
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("segstream_") || w.starts_with("process_"))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn root() -> &'static Path {
