@@ -91,7 +91,10 @@ pub struct EndOfLog;
 
 impl rdkafka::ClientContext for EndOfLog {
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        // librdkafka reports it as a partition error or as a global one, by where it is noticed.
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if eof {
             debug!(error = %error, "End of partition.");
         } else {
             tracing::warn!(error = %error, reason, "Changelog or model reader error.");

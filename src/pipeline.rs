@@ -329,8 +329,8 @@ pub async fn run_with_api(
                 m
             }
             Err(e) => {
-                if limiter.allow() {
-                    warn!(error = %e, "Consumer error; librdkafka retries.");
+                if let Some(more) = limiter.allow() {
+                    warn!(error = %e, more_since_last = more, "Consumer error; librdkafka retries.");
                 }
                 continue;
             }
@@ -449,13 +449,14 @@ pub async fn run_with_api(
         }
         if let Some(error) = unusable {
             metrics.invalid(source, &error);
-            if limiter.allow() {
+            if let Some(more) = limiter.allow() {
                 warn!(
                     topic = msg.topic(),
                     partition = msg.partition(),
                     offset = msg.offset(),
                     error_code = error.code(),
-                    "Dead-lettered an unusable message."
+                    more_since_last = more,
+                    "Dead-lettered an unusable message; more_since_last others were since the last such line."
                 );
             }
             match dead_letter(&producer, settings, &msg, &error).await {
@@ -1183,20 +1184,28 @@ fn refresh_gauges(metrics: &Metrics, mirror: &mut Mirror, engine: &Engine) {
     );
 }
 
-/// At most one log line per second for per-message problems.
+/// At most one log line per [`LOG_INTERVAL`] for per-message problems, which says how many
+/// it stood for (the metrics count each by topic and code).
 #[derive(Default)]
 struct LogLimiter {
     last: Option<Instant>,
+    suppressed: u64,
 }
 
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 impl LogLimiter {
-    fn allow(&mut self) -> bool {
+    /// `Some(n)` when a line may be written now: `n` problems went unlogged since the last.
+    fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
-            Some(t) if now.duration_since(t) < Duration::from_secs(1) => false,
+            Some(t) if now.duration_since(t) < LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
             _ => {
                 self.last = Some(now);
-                true
+                Some(std::mem::take(&mut self.suppressed))
             }
         }
     }
