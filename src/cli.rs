@@ -310,10 +310,20 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&segments)?);
             } else {
+                // A model holds no users: sizes are each centroid's share of what it learnt from.
+                let shares = engine.segment_shares();
+                let (_, _, labels) = engine.value_errors();
+                let (calibration, _) = engine.value_calibration();
+                println!(
+                    "model version {}, value model: {labels} labels, calibration {calibration:.2}",
+                    engine.model_version()
+                );
+                println!("{:>3}  {:>6}  {:<24} description", "id", "share", "action");
                 for s in segments {
                     println!(
-                        "{:>3}  {:<24} {}",
+                        "{:>3}  {:>5.1}%  {:<24} {}",
                         s.id,
+                        100.0 * shares.get(s.id as usize).copied().unwrap_or(0.0),
                         s.action.as_deref().unwrap_or("-"),
                         s.label
                     );

@@ -981,6 +981,17 @@ impl Engine {
         self.models.kmeans.is_seeded()
     }
 
+    /// Each segment's share of the points k-means absorbed (decayed by forgetting), by id: the
+    /// segment sizes a model alone knows, without users.
+    pub fn segment_shares(&self) -> Vec<f64> {
+        let counts = self.models.kmeans.counts();
+        let total: f64 = counts.iter().sum();
+        counts
+            .iter()
+            .map(|c| if total > 0.0 { c / total } else { 0.0 })
+            .collect()
+    }
+
     pub fn kmeans_repairs(&self) -> u64 {
         self.models.kmeans.repairs()
     }
@@ -1252,6 +1263,27 @@ mod tests {
     use crate::generate::Generator;
 
     const T0: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn a_model_alone_knows_each_segments_share_of_the_population() {
+        let mut e = Engine::new(&RawConfig::default().validate().unwrap());
+        assert!(e.segment_shares().iter().all(|s| *s == 0.0));
+        let mut g = Generator::new(5, 500, 0.0);
+        for i in 0..8_000 {
+            let t = T0 + i * 100;
+            e.apply(&g.next_event(t), t);
+        }
+        let shares = e.segment_shares();
+        assert_eq!(shares.len(), 6);
+        assert!(
+            (shares.iter().sum::<f64>() - 1.0).abs() < 1e-9,
+            "{shares:?}"
+        );
+        assert!(
+            shares.iter().all(|s| *s > 0.02),
+            "every persona has weight: {shares:?}"
+        );
+    }
 
     #[test]
     fn before_any_label_matures_the_value_is_the_users_own_spend_and_says_so() {

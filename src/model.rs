@@ -242,6 +242,11 @@ impl KMeans {
         self.repairs
     }
 
+    /// Points each centroid has absorbed, decayed by forgetting: its weight in the population.
+    pub fn counts(&self) -> &[f64] {
+        &self.counts
+    }
+
     /// Counts fits and repairs (see the field); changes whenever centroids jump.
     pub fn reshapes(&self) -> u64 {
         self.reshapes
