@@ -182,6 +182,28 @@ impl ConfigArgs {
     }
 }
 
+/// What `generate` takes of the configuration: it neither joins a group nor serves HTTP.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ProducerConfigArgs {
+    /// TOML configuration file (see config/segstream.toml): brokers, topics, wire formats.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Bootstrap servers (overrides kafka.brokers).
+    #[arg(long)]
+    pub brokers: Option<String>,
+}
+
+impl ProducerConfigArgs {
+    pub fn load(&self) -> anyhow::Result<crate::config::Settings> {
+        ConfigArgs {
+            config: self.config.clone(),
+            brokers: self.brokers.clone(),
+            ..ConfigArgs::default()
+        }
+        .load()
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -236,7 +258,7 @@ pub struct DemoArgs {
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
-    pub config: ConfigArgs,
+    pub config: ProducerConfigArgs,
     /// Records per second (0 = as fast as possible).
     #[arg(long, default_value_t = 1_000)]
     pub rate: u64,
