@@ -213,7 +213,9 @@ fn version_base(watermark_ms: i64) -> i64 {
 
 /// Versions per millisecond of the version clock: a user's version is the larger of its last
 /// one plus one and processing time × this, so it grows by one per change and jumps with time.
-const VERSIONS_PER_MS: i64 = 1 << 20;
+/// 2^10 keeps versions below 2^53 (exact in JSON readers that parse numbers as doubles) until
+/// the year 2248, and above the `1000 × event time` of the versions before the clock.
+const VERSIONS_PER_MS: i64 = 1 << 10;
 
 /// How far past `max_users` the map may grow (at most) before the least recently seen are
 /// evicted down to `max_users`: 1 %, at least one user.
@@ -334,11 +336,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Versions of decisions made at processing time `now_ms` are at least `now_ms × 2^20`.
+    /// Versions of decisions made at processing time `now_ms` are at least `now_ms × 2^10`.
     /// A restored user's counter does not know the changes published after the last checkpoint
     /// and lost in a crash; the run after it decides later, so its versions order after them
     /// (as long as instances' clocks agree to within a restart, and a user changes fewer than
-    /// 2^20 times a millisecond). Before this, versions restarted from the checkpoint's counter
+    /// 2^10 times a millisecond). Before this, versions restarted from the checkpoint's counter
     /// and one version could mean two decisions.
     fn set_version_clock(&mut self, now_ms: i64) {
         self.rules.version_clock = now_ms.max(0).saturating_mul(VERSIONS_PER_MS);
