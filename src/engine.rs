@@ -529,8 +529,7 @@ impl Engine {
             state.events_in_segment = state.events_in_segment.saturating_add(1);
             let after = state.vector(params);
             models.open_label(state, t, &after);
-            let cold = state.recent_spend_over(t, rules.horizon_ms, params);
-            let (old, decision) = models.update_user(state, (&after, cold), t, rules, trainer);
+            let (old, decision) = models.update_user(state, (&after, params), t, rules, trainer);
             let outcome = if late {
                 Outcome::Late { applied: true }
             } else {
@@ -699,8 +698,7 @@ impl Engine {
                 // otherwise z-scores (and so descriptions) compare everyone's present with the
                 // moment of their last event, and every segment reads "lapsed"; and centroids
                 // would describe only the recently active users' vectors.
-                let cold = state.recent_spend_over(at, rules.horizon_ms, params);
-                let (old, d) = models.update_user(state, (&x, cold), at, rules, trainer);
+                let (old, d) = models.update_user(state, (&x, params), at, rules, trainer);
                 if account(sizes, values, old, state.predicted_value, d.as_ref()) {
                     flaps += 1;
                 }
@@ -1189,13 +1187,13 @@ impl Models {
     }
 
     /// One user's vector `x` at `t` through the models: standardised (the scaler learns from it
-    /// if `learn`), a new predicted value (blended with the user's `cold` estimate while the
-    /// value model is young), and the segment decision (k-means learns from it if `learn`).
+    /// if `learn`), a new predicted value (blended with the user's cold-start estimate while
+    /// the value model is young), and the segment decision (k-means learns from it if `learn`).
     /// Returns the (segment, predicted value) before, and the decision if it changed.
     fn update_user(
         &mut self,
         state: &mut UserState,
-        (x, cold): (&Vector, f64),
+        (x, params): (&Vector, &FeatureParams),
         t: i64,
         rules: &Rules,
         learn: bool,
@@ -1206,7 +1204,12 @@ impl Models {
         let z = self.scaler.transform(x);
         let old = (state.segment, state.predicted_value);
         let w = self.value.maturity();
-        state.predicted_value = w * self.predict(&z) + (1.0 - w) * cold;
+        state.predicted_value = if w < 1.0 {
+            let cold = state.recent_spend_over(t, rules.horizon_ms, params);
+            w * self.predict(&z) + (1.0 - w) * cold
+        } else {
+            self.predict(&z)
+        };
         (old, self.decide(state, &z, t, rules, learn))
     }
 

@@ -546,8 +546,6 @@ pub struct Sgd {
     lr: f64,
     l2: f64,
     trained: u64,
-    abs_err_sum: f64,
-    sq_err_sum: f64,
 }
 
 impl Sgd {
@@ -560,8 +558,6 @@ impl Sgd {
             lr,
             l2,
             trained: 0,
-            abs_err_sum: 0.0,
-            sq_err_sum: 0.0,
         }
     }
 
@@ -569,8 +565,8 @@ impl Sgd {
         self.b + dot(&self.w, x)
     }
 
-    /// One SGD step towards `y`. The prediction made before the step is scored first
-    /// (progressive validation), so [`Sgd::mean_abs_error`] is an honest out-of-sample error.
+    /// One SGD step towards `y` (the errors that matter are scored by [`ValueModel`], in
+    /// currency, before its regressions learn).
     pub fn train(&mut self, x: &Vector, y: f64) {
         let e = self.predict(x) - y;
         self.step(x, e);
@@ -579,8 +575,6 @@ impl Sgd {
     /// One AdaGrad step for the error `e` of a prediction for `x` (the gradient of squared
     /// error for [`Sgd::train`]; of log loss, `σ(·) - y`, for a logistic use).
     fn step(&mut self, x: &Vector, e: f64) {
-        self.abs_err_sum += e.abs();
-        self.sq_err_sum += e * e;
         self.trained += 1;
         for i in 0..DIM {
             let g = e * x[i] + self.l2 * self.w[i];
@@ -593,24 +587,6 @@ impl Sgd {
 
     pub fn examples(&self) -> u64 {
         self.trained
-    }
-
-    /// Progressive root mean squared error, in the target's units.
-    pub fn rmse(&self) -> f64 {
-        if self.trained == 0 {
-            0.0
-        } else {
-            (self.sq_err_sum / self.trained as f64).sqrt()
-        }
-    }
-
-    /// Progressive mean absolute error, in the target's units.
-    pub fn mean_abs_error(&self) -> f64 {
-        if self.trained == 0 {
-            0.0
-        } else {
-            self.abs_err_sum / self.trained as f64
-        }
     }
 }
 
