@@ -29,6 +29,8 @@ pub async fn run(
     model: Option<&std::path::Path>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    kafka::check_clients(&settings)?;
+    info!(security = %settings.security.describe(), features = %kafka::builtin_features(), "Kafka clients checked.");
     let engine = match model {
         Some(path) => Engine::with_model(&settings, path)
             .with_context(|| format!("loading model {}", path.display()))?,
@@ -456,8 +458,14 @@ pub const QUICK_JOINS: [(&str, &str); 2] = [
 /// Convenience for tests and tools: settings for `brokers` with unique topic and group names,
 /// and [`QUICK_JOINS`] for the consumers.
 pub fn settings_for(brokers: &str, prefix: &str) -> Settings {
+    settings_with(brokers, prefix, &[])
+}
+
+/// [`settings_for`] with librdkafka properties for every client (security).
+pub fn settings_with(brokers: &str, prefix: &str, properties: &[(String, String)]) -> Settings {
     let mut raw = RawConfig::default();
     raw.kafka.brokers = brokers.to_owned();
+    raw.kafka.properties.extend(properties.iter().cloned());
     raw.kafka.consumer_properties.extend(
         QUICK_JOINS
             .iter()

@@ -16,9 +16,9 @@ use crate::changelog::{
 use crate::config::Settings;
 use crate::engine::{Engine, UserRecord};
 use crate::features::LAYOUT_VERSION;
-use crate::kafka::{apply_properties, ensure_topics_with, send};
+use crate::kafka::{apply_properties, send};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -369,60 +369,6 @@ pub fn advance(owned: &mut BTreeMap<i32, Owned>, written: &Written) {
     }
 }
 
-/// Creates the changelog and erasure topics if missing, with as many partitions as the
-/// clickstream topic (co-partitioned), the changelog with `state.changelog_retention`.
-pub async fn ensure_state_topics(settings: &Settings) -> Result<(), CheckpointError> {
-    let s = settings.clone();
-    let (partitions, missing) = tokio::task::spawn_blocking(move || {
-        let t = &s.kafka.topics;
-        let names = [&t.clickstream, &t.changelog, &t.erasure, &t.model];
-        let counts = partition_counts(&s, &names.map(String::as_str))?;
-        let n = counts[0].ok_or(KafkaError::MetadataFetch(
-            RDKafkaErrorCode::UnknownTopicOrPartition,
-        ))?;
-        let missing: Vec<String> = names[1..]
-            .iter()
-            .zip(&counts[1..])
-            .filter(|(_, c)| c.is_none())
-            .map(|(topic, _)| (*topic).clone())
-            .collect();
-        Ok::<_, KafkaError>((n, missing))
-    })
-    .await
-    .map_err(|e| CheckpointError::Task(e.to_string()))??;
-    let t = &settings.kafka.topics;
-    let retention = settings.state.changelog_retention.as_millis().to_string();
-    let model_retention = settings.state.model_retention.as_millis().to_string();
-    for topic in &missing {
-        let (n, config): (i32, &[(&str, &str)]) = if *topic == t.changelog {
-            (
-                partitions,
-                &[("cleanup.policy", "delete"), ("retention.ms", &retention)],
-            )
-        } else if *topic == t.model {
-            (
-                1,
-                &[
-                    ("cleanup.policy", "delete"),
-                    ("retention.ms", &model_retention),
-                ],
-            )
-        } else {
-            (partitions, &[])
-        };
-        info!(%topic, partitions = n, "Creating a state topic.");
-        ensure_topics_with(
-            &settings.kafka.brokers,
-            &settings.kafka.properties,
-            &[topic],
-            n,
-            config,
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 /// Key of model records on the model topic.
 pub const MODEL_KEY: &[u8] = b"segstream.models";
 
@@ -468,27 +414,4 @@ pub async fn publish_models(
         .key(MODEL_KEY)
         .payload(bytes);
     send(producer, r).await
-}
-
-/// Partition count of each topic (`None`: it does not exist), from one metadata client.
-pub fn partition_counts(
-    settings: &Settings,
-    topics: &[&str],
-) -> Result<Vec<Option<i32>>, KafkaError> {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &settings.kafka.brokers);
-    apply_properties(&mut cfg, &settings.kafka.properties);
-    let c: BaseConsumer = cfg.create()?;
-    topics
-        .iter()
-        .map(|topic| {
-            let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-            Ok(match md.topics().first() {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                    Some(t.partitions().len() as i32)
-                }
-                _ => None,
-            })
-        })
-        .collect()
 }

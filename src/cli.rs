@@ -566,10 +566,17 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             command: ConfigCommand::Check { file },
         } => {
             let raw = RawConfig::load(file.as_deref())?;
-            let effective = raw.redacted_json();
-            raw.validate()?;
+            let mut effective = raw.clone();
+            let settings = raw.validate()?;
+            // What librdkafka itself refuses: a missing feature, property or certificate file.
+            crate::kafka::check_clients(&settings)?;
+            // With what validation added (the CA probe for TLS without a CA).
+            effective.kafka = settings.kafka;
             // Printed as JSON: the same keys and nesting as the TOML file, secrets redacted.
-            println!("{}", serde_json::to_string_pretty(&effective)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&effective.redacted_json())?
+            );
             Ok(())
         }
     }

@@ -52,6 +52,25 @@ pub struct KafkaConfig {
     pub consumer_properties: BTreeMap<String, String>,
     /// librdkafka properties for the producer only.
     pub producer_properties: BTreeMap<String, String>,
+    /// Which missing topics `run` creates at start: `none`, `outputs` (segment changes, dead
+    /// letters and segstream's own state topics) or `all` (the inputs too). A missing topic it
+    /// may not create is named in the log, and the instance waits, not ready, until it exists.
+    pub create_topics: CreateTopics,
+    /// Replication factor of the topics segstream creates; -1 takes the broker's
+    /// `default.replication.factor`.
+    pub replication_factor: i32,
+    /// Partitions of input topics created with `create_topics = "all"` when no input exists yet
+    /// (otherwise the existing inputs' count).
+    pub input_partitions: i32,
+}
+
+/// See [`KafkaConfig::create_topics`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreateTopics {
+    None,
+    Outputs,
+    All,
 }
 
 impl Default for KafkaConfig {
@@ -63,6 +82,10 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
+            // What segstream writes is its own to create; inputs belong to their producers.
+            create_topics: CreateTopics::Outputs,
+            replication_factor: -1,
+            input_partitions: 6,
         }
     }
 }
@@ -526,6 +549,12 @@ pub enum ConfigError {
     StateInterval(&'static str),
     #[error("http.bind: `{0}` is not an address like 127.0.0.1:9464")]
     Bind(String),
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
+    #[error("kafka.replication_factor: must be -1 (the broker's default) or at least 1")]
+    Replication,
+    #[error("kafka.input_partitions: must be at least 1")]
+    InputPartitions,
 }
 
 /// Validated configuration. Only built by [`RawConfig::validate`].
@@ -540,6 +569,8 @@ pub struct Settings {
     pub state: StateConfig,
     pub http_bind: SocketAddr,
     pub http_token: Option<String>,
+    /// How every client reaches the cluster (from `kafka.properties`).
+    pub security: crate::security::Security,
 }
 
 impl Settings {
@@ -706,8 +737,23 @@ impl RawConfig {
             .bind
             .parse()
             .map_err(|_| ConfigError::Bind(self.http.bind.clone()))?;
+        if k.replication_factor == 0 || k.replication_factor < -1 {
+            return Err(ConfigError::Replication);
+        }
+        if k.input_partitions < 1 {
+            return Err(ConfigError::InputPartitions);
+        }
+        let security = crate::security::checked(
+            &k.properties,
+            &k.consumer_properties,
+            &k.producer_properties,
+        )?;
+        let mut kafka = self.kafka;
+        if let Some((key, value)) = crate::security::default_ca(&security, &kafka.properties) {
+            kafka.properties.insert(key, value);
+        }
         Ok(Settings {
-            kafka: self.kafka,
+            kafka,
             decode: self.decode,
             output: self.output,
             features: self.features,
@@ -716,6 +762,7 @@ impl RawConfig {
             state: self.state,
             http_bind,
             http_token: self.http.token,
+            security,
         })
     }
 

@@ -283,3 +283,247 @@ pub async fn send(
         }
     }
 }
+
+/// Creates one topic (an existing one is left as it is), with `kafka.replication_factor`.
+pub async fn create_topic(
+    s: &Settings,
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, String)],
+) -> Result<(), KafkaError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &s.kafka.brokers);
+    apply_properties(&mut cfg, &s.kafka.properties);
+    let admin: AdminClient<DefaultClientContext> = cfg.create()?;
+    let replication = match s.kafka.replication_factor {
+        -1 => TopicReplication::Fixed(-1),
+        n => TopicReplication::Fixed(n),
+    };
+    let new = config.iter().fold(
+        NewTopic::new(topic, partitions, replication),
+        |n, (k, v)| n.set(k, v),
+    );
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics([&new], &opts).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                warn!(%topic, error = %code, "Could not create topic.");
+                return Err(KafkaError::AdminOp(code));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why no broker answered, from the errors the client reported while it tried.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Reachability {
+    #[error("authentication failed; check sasl.mechanism, sasl.username and sasl.password ({0})")]
+    Authentication(String),
+    #[error("TLS handshake failed; check ssl.ca.location (the CA that signed the brokers' certificates) and, for client certificates, ssl.certificate.location and ssl.key.location ({0})")]
+    Tls(String),
+    #[error("no broker answered: they are down or unreachable, or their listener expects another security.protocol (a TLS listener closes plain-text clients) ({0})")]
+    Unreachable(String),
+}
+
+/// The last error the probe's client reported (librdkafka reports them as they happen).
+#[derive(Default)]
+pub struct ProbeContext {
+    last: std::sync::Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
+}
+
+impl ProbeContext {
+    fn record(&self, code: Option<RDKafkaErrorCode>, reason: &str) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        // "All brokers down" follows the error that says why; keep the why.
+        if code != Some(RDKafkaErrorCode::AllBrokersDown) || last.is_none() {
+            *last = Some((code, reason.to_owned()));
+        }
+    }
+}
+
+impl ClientContext for ProbeContext {
+    /// A connection failure (`FAIL`) is kept for the probe's own error line, which names its
+    /// cause; other lines are logged as librdkafka's.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, msg: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if fac == "FAIL" {
+            self.record(None, msg);
+            return;
+        }
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "{fac}: {msg}")
+            }
+            L::Warning => warn!(target: "librdkafka", "{fac}: {msg}"),
+            L::Notice | L::Info => info!(target: "librdkafka", "{fac}: {msg}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "{fac}: {msg}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.record(error.rdkafka_error_code(), reason);
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// A metadata client that looks topics up and, when the cluster does not answer, says why.
+#[derive(Clone)]
+pub struct Probe {
+    consumer: std::sync::Arc<BaseConsumer<ProbeContext>>,
+}
+
+impl Probe {
+    pub fn new(s: &Settings) -> Result<Probe, KafkaError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &s.kafka.brokers);
+        apply_properties(&mut cfg, &s.kafka.properties);
+        let consumer = cfg.create_with_context(ProbeContext::default())?;
+        Ok(Probe {
+            consumer: std::sync::Arc::new(consumer),
+        })
+    }
+
+    /// Partition count of each topic (`None`: it does not exist). Blocking.
+    pub fn partition_counts(&self, topics: &[String]) -> Result<Vec<Option<i32>>, Reachability> {
+        let c = &self.consumer;
+        topics
+            .iter()
+            .map(
+                |topic| match c.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+                    Ok(md) => Ok(match md.topics().first() {
+                        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                            Some(t.partitions().len() as i32)
+                        }
+                        _ => None,
+                    }),
+                    Err(e) => {
+                        // Error events wait in the client's queue: serve them all first.
+                        while c.poll(Duration::from_millis(10)).is_some() {}
+                        Err(self.why(e))
+                    }
+                },
+            )
+            .collect()
+    }
+
+    fn why(&self, fetch: KafkaError) -> Reachability {
+        let last = self
+            .consumer
+            .context()
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match last {
+            Some((code, reason)) => classify(code, reason),
+            None => Reachability::Unreachable(fetch.to_string()),
+        }
+    }
+}
+
+/// The cause of a connection failure, from librdkafka's code or, for its log lines, its words.
+fn classify(code: Option<RDKafkaErrorCode>, reason: String) -> Reachability {
+    match code {
+        Some(RDKafkaErrorCode::Authentication) => Reachability::Authentication(reason),
+        Some(RDKafkaErrorCode::SSL) => Reachability::Tls(reason),
+        _ if reason.contains("SASL") || reason.contains("uthentication") => {
+            Reachability::Authentication(reason)
+        }
+        _ if reason.contains("SSL") || reason.contains("certificate") => Reachability::Tls(reason),
+        _ => Reachability::Unreachable(reason),
+    }
+}
+
+/// What only this binary's librdkafka can tell about the configuration, without connecting:
+/// that it was built with what the security settings need (`builtin.features`), and that it
+/// accepts every property of the consumer and the producer (names, values, certificate and key
+/// files it can load).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientCheckError {
+    #[error("security {security} needs librdkafka's `{feature}`, which this binary lacks (builtin.features = {builtin})")]
+    Feature {
+        security: String,
+        feature: &'static str,
+        builtin: String,
+    },
+    #[error("kafka.properties.\"{key}\": cannot read `{path}`: {error}")]
+    File {
+        key: String,
+        path: String,
+        error: String,
+    },
+    #[error("kafka: librdkafka refuses the {client}'s configuration: {message}")]
+    Refused {
+        client: &'static str,
+        message: String,
+    },
+}
+
+/// Swallows the log lines of a client that is built only to be checked.
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn log(&self, _: rdkafka::config::RDKafkaLogLevel, _: &str, _: &str) {}
+}
+
+impl ConsumerContext for Quiet {}
+
+impl rdkafka::producer::ProducerContext for Quiet {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
+/// librdkafka's `builtin.features` in this binary.
+pub fn builtin_features() -> String {
+    ClientConfig::new()
+        .create_native_config()
+        .and_then(|c| c.get("builtin.features"))
+        .unwrap_or_default()
+}
+
+/// See [`ClientCheckError`].
+pub fn check_clients(s: &Settings) -> Result<(), ClientCheckError> {
+    let builtin = builtin_features();
+    for feature in s.security.features() {
+        if !builtin.split(',').any(|b| b == feature) {
+            return Err(ClientCheckError::Feature {
+                security: s.security.describe(),
+                feature,
+                builtin,
+            });
+        }
+    }
+    for (key, path) in &s.kafka.properties {
+        let is_file = key.starts_with("ssl.") && key.ends_with(".location") && path != "probe";
+        if is_file {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(ClientCheckError::File {
+                    key: key.clone(),
+                    path: path.clone(),
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+    let refused = |client| {
+        move |e: KafkaError| ClientCheckError::Refused {
+            client,
+            message: e.to_string(),
+        }
+    };
+    // Without bootstrap servers the clients never connect.
+    let mut consumer = consumer_config(s);
+    consumer.remove("bootstrap.servers");
+    consumer
+        .create_with_context::<_, BaseConsumer<Quiet>>(Quiet)
+        .map_err(refused("consumer"))?;
+    let mut producer = producer_config(s);
+    producer.remove("bootstrap.servers");
+    producer
+        .create_with_context::<_, rdkafka::producer::BaseProducer<Quiet>>(Quiet)
+        .map_err(refused("producer"))?;
+    Ok(())
+}

@@ -22,4 +22,6 @@ pub mod quality;
 pub mod replay;
 pub mod retail;
 pub mod schema;
+pub mod security;
 pub mod store;
+pub mod topics;

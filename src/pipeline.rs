@@ -8,8 +8,7 @@
 //! auto-commits stored offsets, and we commit synchronously on revoke and on shutdown.
 
 use crate::checkpoint::{
-    self, model_follower, partition_counts, restore_partition, CheckpointError, EndOfLog, Owned,
-    Snapshot, Written,
+    self, model_follower, restore_partition, CheckpointError, EndOfLog, Owned, Snapshot, Written,
 };
 use crate::config::Settings;
 use crate::decode::{Ahead, DecodeError, Decoder, ScratchPair, Spare};
@@ -57,10 +56,8 @@ pub enum PipelineError {
     Checkpoint(#[from] CheckpointError),
     #[error("restored models: {0}")]
     Model(String),
-    #[error(
-        "inputs and changelog must have the same number of partitions (co-partitioned); found {0}"
-    )]
-    NotCopartitioned(String),
+    #[error(transparent)]
+    Topics(#[from] crate::topics::TopicsError),
     #[error("stopped: an output could not be delivered")]
     Stopped,
 }
@@ -148,6 +145,10 @@ pub async fn run_with_api(
     mut link: PipelineLink,
 ) -> Result<Engine, PipelineError> {
     let durable_state = settings.state.checkpoints;
+    // Every topic exists and the co-partitioned ones agree before anything is consumed.
+    if !crate::topics::prepare(settings, &metrics, &cancel).await? {
+        return Ok(engine);
+    }
     let (rebalance_tx, mut rebalances) = mpsc::unbounded_channel();
     let consumer: Arc<StreamConsumer<SegContext>> =
         Arc::new(consumer_config(settings).create_with_context(SegContext {
@@ -157,11 +158,6 @@ pub async fn run_with_api(
     let mut topics: Vec<&str> = Source::ALL.iter().map(|s| settings.topic(*s)).collect();
     if durable_state {
         topics.push(&settings.kafka.topics.erasure);
-        checkpoint::ensure_state_topics(settings).await?;
-        let s = settings.clone();
-        tokio::task::spawn_blocking(move || check_copartitioned(&s))
-            .await
-            .map_err(|e| PipelineError::Checkpoint(CheckpointError::Task(e.to_string())))??;
     }
     consumer.subscribe(&topics)?;
     let producer = producer(settings)?;
@@ -598,32 +594,6 @@ async fn latest_models(follower: &StreamConsumer<EndOfLog>) -> Option<Vec<u8>> {
             }
         }
     }
-}
-
-/// The inputs and the changelog must have one partition count: a user's events, erasures and
-/// checkpoints then share a partition number, and one instance owns them together.
-fn check_copartitioned(settings: &Settings) -> Result<(), PipelineError> {
-    let t = &settings.kafka.topics;
-    let names = [
-        t.clickstream.as_str(),
-        &t.purchases,
-        &t.social,
-        &t.erasure,
-        &t.changelog,
-    ];
-    let counts: Vec<(&str, Option<i32>)> = names
-        .into_iter()
-        .zip(partition_counts(settings, &names)?)
-        .collect();
-    if counts.iter().any(|(_, n)| *n != counts[0].1 || n.is_none()) {
-        let found = counts
-            .iter()
-            .map(|(t, n)| format!("{t}={}", n.map_or("missing".into(), |n| n.to_string())))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(PipelineError::NotCopartitioned(found));
-    }
-    Ok(())
 }
 
 /// Lets go of revoked partitions' users (their next owner restores them from the changelog and

@@ -1,6 +1,8 @@
 //! Helpers for the integration tests against the real broker that `.ci/run` starts.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -45,9 +47,19 @@ pub struct Sent {
     pub offset: i64,
 }
 
+/// A client configuration for the settings' cluster, with their properties for every client
+/// (security).
+pub fn client(settings: &Settings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &settings.kafka.brokers);
+    for (k, v) in &settings.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
 pub fn producer(settings: &Settings) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka.brokers)
+    client(settings)
         .set("enable.idempotence", "true")
         .create()
         .unwrap()
@@ -113,8 +125,7 @@ pub fn read_topics(
     want: usize,
     timeout: Duration,
 ) -> Vec<Got> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka.brokers)
+    let consumer: BaseConsumer = client(settings)
         .set("group.id", format!("reader-{}", rand::random::<u64>()))
         .set("enable.auto.commit", "false")
         .create()
@@ -160,8 +171,7 @@ pub fn read_topics(
 
 /// The group's committed offset per (source, partition).
 pub fn committed(settings: &Settings, partitions: i32) -> HashMap<(Source, i32), i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka.brokers)
+    let consumer: BaseConsumer = client(settings)
         .set("group.id", &settings.kafka.group_id)
         .create()
         .unwrap();
@@ -297,6 +307,24 @@ pub fn spawn_service(config: &std::path::Path) -> (Child, u16) {
     (child, port)
 }
 
+/// [`spawn_service`] with its log (stderr) written to `log`.
+pub fn spawn_service_logging(config: &std::path::Path, log: &std::path::Path) -> (Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_segstream"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--http-bind", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
 /// SIGTERM, then the exit status (SIGKILL and a panic after 30 s).
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let term = Command::new("kill")
@@ -328,6 +356,20 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     s.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// The status code of `GET path` on the service's HTTP port, if it answers.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    response.split(' ').nth(1)?.parse().ok()
 }
 
 /// The sum of a metric family's samples from the service's /metrics, if it answers.
