@@ -1,6 +1,7 @@
 //! The deployment artifacts stay true to the code: the Grafana dashboard is valid JSON whose every
 //! query names metrics segstream exports (and every exported family has a panel), and the
-//! Prometheus alerts only use exported metrics (`promtool test rules` runs them in .ci/run).
+//! Prometheus alerts only use exported metrics (`promtool test rules` runs them in .ci/run), and
+//! the image's and the Deployment's command lines start the service with this build's binary.
 
 use segstream::metrics::Metrics;
 use std::collections::BTreeSet;
@@ -90,4 +91,117 @@ fn alerts_use_exported_metrics() {
         );
     }
     assert!(count >= 8);
+}
+
+/// The command line the image runs (Dockerfile `CMD`, after `ENTRYPOINT` = the binary) and the one
+/// the Kubernetes Deployment passes, each started with this build's binary against the test
+/// broker: the flags parse, the process serves `/healthz`, logs JSON, waits not ready (naming
+/// the missing input topic) and exits 0 on SIGTERM.
+#[test]
+fn the_container_command_lines_start_the_service() {
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let cmd = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("CMD "))
+        .expect("the Dockerfile has a CMD");
+    let k8s = std::fs::read_to_string(root().join("deploy/kubernetes/segstream.yaml")).unwrap();
+    let args = k8s
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("args: [\"run\""))
+        .map(|rest| format!("[\"run\"{rest}"))
+        .expect("the Deployment passes args");
+    for (origin, line) in [
+        ("Dockerfile CMD", cmd.to_owned()),
+        ("Deployment args", args),
+    ] {
+        let argv: Vec<String> = serde_json::from_str(&line).unwrap();
+        // The image copies config/segstream.toml to /etc/segstream/segstream.toml.
+        let argv: Vec<String> = argv
+            .into_iter()
+            .map(|a| {
+                if a == "/etc/segstream/segstream.toml" {
+                    root().join("config/segstream.toml").display().to_string()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        run_like_the_container(origin, &argv);
+    }
+}
+
+fn run_like_the_container(origin: &str, argv: &[String]) {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let brokers = std::env::var("SEGSTREAM_TEST_BROKERS")
+        .expect("SEGSTREAM_TEST_BROKERS is not set: run the tests with `bash .ci/run`");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let prefix = format!("image-{}-{}", std::process::id(), port);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segstream"));
+    cmd.args(argv)
+        .env("SEGSTREAM__HTTP__BIND", format!("127.0.0.1:{port}"))
+        .env("SEGSTREAM__KAFKA__BROKERS", &brokers)
+        .env("SEGSTREAM__KAFKA__GROUP_ID", format!("{prefix}-group"));
+    for topic in [
+        "CLICKSTREAM",
+        "PURCHASES",
+        "SOCIAL",
+        "SEGMENT_CHANGES",
+        "DEAD_LETTER",
+        "CHANGELOG",
+        "MODEL",
+        "ERASURE",
+    ] {
+        cmd.env(
+            format!("SEGSTREAM__KAFKA__TOPICS__{topic}"),
+            format!("{prefix}-{}", topic.to_ascii_lowercase()),
+        );
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = |path: &str| -> Option<u16> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+        let mut r = String::new();
+        s.read_to_string(&mut r).ok()?;
+        r.split(' ').nth(1)?.parse().ok()
+    };
+    let missing = format!("{prefix}-clickstream");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut waited = false;
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("does not exist") && text.contains(&missing) {
+            waited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (healthz, readyz) = (status("/healthz"), status("/readyz"));
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        waited,
+        "{origin}: the log names the missing input topic:\n{text}"
+    );
+    assert!(
+        text.lines().all(|l| l.starts_with('{')),
+        "{origin}: --log-format json logs JSON lines:\n{text}"
+    );
+    assert_eq!(healthz, Some(200), "{origin}: alive");
+    assert_eq!(readyz, Some(503), "{origin}: not ready without its inputs");
+    assert!(exit.success(), "{origin}: SIGTERM exits 0: {exit:?}");
 }
