@@ -37,7 +37,12 @@ pub async fn run(
         None => Engine::new(&settings),
     };
     let metrics = Metrics::new();
-    let (api, link) = http::link(&engine, metrics.clone(), settings.http_token.clone());
+    let (api, link) = http::link(
+        &engine,
+        metrics.clone(),
+        settings.http_token.clone(),
+        settings.http_peers.clone(),
+    );
     let http_stop = CancellationToken::new();
     let (addr, server) = http::serve(settings.http_bind, http::api_router(api), http_stop.clone())
         .await
@@ -238,7 +243,7 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let engine = Engine::new(&settings);
-    let (api, link) = http::link(&engine, metrics.clone(), None);
+    let (api, link) = http::link(&engine, metrics.clone(), None, Vec::new());
     let (addr, server) =
         http::serve(settings.http_bind, http::api_router(api), stop.clone()).await?;
     println!(

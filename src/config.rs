@@ -490,6 +490,10 @@ pub struct HttpConfig {
     /// When set, every endpoint but `/metrics`, `/healthz` and `/readyz` requires
     /// `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// The deployment's instances (`host:port` of their HTTP endpoint, or a name resolving to
+    /// all of them, such as a Kubernetes headless Service): asked about users this instance does
+    /// not hold, so any instance answers for any user. Empty: a single instance.
+    pub peers: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -498,6 +502,7 @@ impl Default for HttpConfig {
         Self {
             bind: "127.0.0.1:9464".into(),
             token: None,
+            peers: Vec::new(),
         }
     }
 }
@@ -555,6 +560,8 @@ pub enum ConfigError {
     Replication,
     #[error("kafka.input_partitions: must be at least 1")]
     InputPartitions,
+    #[error("http.peers: `{0}` is not host:port")]
+    Peer(String),
 }
 
 /// Validated configuration. Only built by [`RawConfig::validate`].
@@ -569,6 +576,7 @@ pub struct Settings {
     pub state: StateConfig,
     pub http_bind: SocketAddr,
     pub http_token: Option<String>,
+    pub http_peers: Vec<String>,
     /// How every client reaches the cluster (from `kafka.properties`).
     pub security: crate::security::Security,
 }
@@ -743,6 +751,14 @@ impl RawConfig {
         if k.input_partitions < 1 {
             return Err(ConfigError::InputPartitions);
         }
+        for peer in &self.http.peers {
+            let port = peer
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.trim().is_empty()) {
+                return Err(ConfigError::Peer(peer.clone()));
+            }
+        }
         let security = crate::security::checked(
             &k.properties,
             &k.consumer_properties,
@@ -762,6 +778,7 @@ impl RawConfig {
             state: self.state,
             http_bind,
             http_token: self.http.token,
+            http_peers: self.http.peers,
             security,
         })
     }

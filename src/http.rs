@@ -9,9 +9,10 @@
 use crate::engine::{Engine, SegmentInfo};
 use crate::features::FeatureParams;
 use crate::metrics::Metrics;
+use crate::peers::{Answer, Peers, FORWARDED, SERVED_BY};
 use crate::store::Store;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -57,6 +58,8 @@ pub struct ApiState {
     catalogue: Arc<RwLock<Catalogue>>,
     commands: mpsc::Sender<ApiCommand>,
     token: Option<Arc<str>>,
+    /// The other instances, asked about users this one does not hold.
+    peers: Peers,
 }
 
 /// The pipeline's end of the API: where it publishes the catalogue and receives commands.
@@ -87,8 +90,14 @@ impl PipelineLink {
     }
 }
 
-/// Connects an API to the pipeline that will run `engine`.
-pub fn link(engine: &Engine, metrics: Metrics, token: Option<String>) -> (ApiState, PipelineLink) {
+/// Connects an API to the pipeline that will run `engine`; `peers` are the other instances'
+/// HTTP addresses (`http.peers`), empty for a single instance.
+pub fn link(
+    engine: &Engine,
+    metrics: Metrics,
+    token: Option<String>,
+    peers: Vec<String>,
+) -> (ApiState, PipelineLink) {
     let (tx, rx) = mpsc::channel(64);
     let catalogue: Arc<RwLock<Catalogue>> = Arc::default();
     let link = PipelineLink {
@@ -102,6 +111,7 @@ pub fn link(engine: &Engine, metrics: Metrics, token: Option<String>) -> (ApiSta
         params: engine.feature_params().clone(),
         catalogue,
         commands: tx,
+        peers: Peers::new(peers, token.clone()),
         token: token.map(Arc::from),
     };
     (state, link)
@@ -189,9 +199,9 @@ struct Profile {
     features: serde_json::Map<String, serde_json::Value>,
 }
 
-async fn user(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+async fn user(State(s): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let Some(state) = s.store.get(&id) else {
-        return (StatusCode::NOT_FOUND, "unknown user\n").into_response();
+        return elsewhere(&s, Method::GET, &id, &headers).await;
     };
     let (label, value_source) = {
         let c = s.catalogue.read().unwrap_or_else(|p| p.into_inner());
@@ -227,18 +237,78 @@ async fn segments(State(s): State<ApiState>) -> Json<Catalogue> {
     )
 }
 
-async fn erase(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+async fn erase(State(s): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let (reply, answer) = oneshot::channel();
-    let sent = s.commands.send(ApiCommand::Erase { user: id, reply }).await;
+    let sent = s
+        .commands
+        .send(ApiCommand::Erase {
+            user: id.clone(),
+            reply,
+        })
+        .await;
     match (sent, answer.await) {
         (Ok(()), Ok(true)) => StatusCode::NO_CONTENT.into_response(),
-        (Ok(()), Ok(false)) => (StatusCode::NOT_FOUND, "unknown user\n").into_response(),
+        (Ok(()), Ok(false)) => elsewhere(&s, Method::DELETE, &id, &headers).await,
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
             "the pipeline is not running\n",
         )
             .into_response(),
     }
+}
+
+/// The answer about a user this instance does not hold. A forwarded request (or one with no
+/// peers) is answered from this instance alone; otherwise every peer is asked and the one that
+/// holds the user answers. 404 only when every instance is ready and none holds the user; while
+/// one is restoring or rebalancing, or does not answer, 503 with `Retry-After`: the user may be
+/// in a partition that is moving.
+async fn elsewhere(s: &ApiState, method: Method, id: &str, headers: &HeaderMap) -> Response {
+    let ready_here = s.metrics.is_ready();
+    let forwarded = headers.contains_key(FORWARDED);
+    let mut unknown = !ready_here;
+    if !forwarded && !s.peers.is_empty() {
+        let path = format!("/users/{}", encode_path_segment(id));
+        for answer in s.peers.ask(method, &path).await {
+            match answer {
+                Answer::Found { peer, status, body } => {
+                    let mut r = (status, body).into_response();
+                    let h = r.headers_mut();
+                    if status != StatusCode::NO_CONTENT {
+                        h.insert(
+                            header::CONTENT_TYPE,
+                            header::HeaderValue::from_static("application/json"),
+                        );
+                    }
+                    if let Ok(v) = peer.to_string().parse() {
+                        h.insert(SERVED_BY, v);
+                    }
+                    return r;
+                }
+                Answer::NotFound => {}
+                Answer::Unknown => unknown = true,
+            }
+        }
+    }
+    if unknown {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "2")],
+            "the user may be in a partition that is being restored or moved; retry\n",
+        )
+            .into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "unknown user\n").into_response()
+    }
+}
+
+/// `id` as one URL path segment: everything but the unreserved characters percent-encoded.
+fn encode_path_segment(id: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(id, SEGMENT).to_string()
 }
 
 /// Binds `addr` and serves `router` until `cancel` fires. Returns the bound address (port 0

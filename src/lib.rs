@@ -17,6 +17,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
+pub mod peers;
 pub mod pipeline;
 pub mod quality;
 pub mod replay;

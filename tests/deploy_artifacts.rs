@@ -110,17 +110,36 @@ fn the_container_command_lines_start_the_service() {
         .find_map(|l| l.trim().strip_prefix("args: [\"run\""))
         .map(|rest| format!("[\"run\"{rest}"))
         .expect("the Deployment passes args");
-    for (origin, line) in [
-        ("Dockerfile CMD", cmd.to_owned()),
-        ("Deployment args", args),
+    // The image copies config/segstream.toml to /etc/segstream/segstream.toml; the Deployment
+    // mounts its ConfigMap's segstream.toml there.
+    let dir = tempfile::tempdir().unwrap();
+    let config_map = dir.path().join("segstream.toml");
+    let toml: String = k8s
+        .lines()
+        .skip_while(|l| !l.trim().starts_with("segstream.toml: |"))
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.trim_start()))
+        .collect();
+    assert!(
+        toml.contains("[kafka]"),
+        "the ConfigMap carries segstream.toml"
+    );
+    std::fs::write(&config_map, toml).unwrap();
+    for (origin, line, config) in [
+        (
+            "Dockerfile CMD",
+            cmd.to_owned(),
+            root().join("config/segstream.toml"),
+        ),
+        ("Deployment args", args, config_map),
     ] {
         let argv: Vec<String> = serde_json::from_str(&line).unwrap();
-        // The image copies config/segstream.toml to /etc/segstream/segstream.toml.
         let argv: Vec<String> = argv
             .into_iter()
             .map(|a| {
                 if a == "/etc/segstream/segstream.toml" {
-                    root().join("config/segstream.toml").display().to_string()
+                    config.display().to_string()
                 } else {
                     a
                 }

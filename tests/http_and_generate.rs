@@ -309,7 +309,8 @@ async fn start_api(name: &str, seed: u64, token: Option<&str>) -> Running {
     let sent = produce(&settings, records).await;
     let engine = Engine::new(&settings);
     let metrics = Metrics::new();
-    let (api, link) = segstream::http::link(&engine, metrics.clone(), token.map(Into::into));
+    let (api, link) =
+        segstream::http::link(&engine, metrics.clone(), token.map(Into::into), Vec::new());
     let cancel = CancellationToken::new();
     let (addr, server) = segstream::http::serve(
         "127.0.0.1:0".parse().unwrap(),

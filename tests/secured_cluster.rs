@@ -19,14 +19,6 @@ use std::time::{Duration, Instant};
 
 const PATIENCE: Duration = Duration::from_secs(90);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A broker of the test's own on `listen`, advertising `advertised` (the TLS front's port, or
 /// `listen` itself), stopped when dropped.
 struct Broker(Child);

@@ -361,14 +361,6 @@ impl Relay {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The broker is unreachable for 30 s mid-stream (every connection cut, new ones refused) while
 /// the broker process keeps its data (the memory engine would lose it on a restart, so the
 /// process itself is not restarted). segstream is not ready meanwhile, waits, resumes, and ends

@@ -307,6 +307,54 @@ pub fn spawn_service(config: &std::path::Path) -> (Child, u16) {
     (child, port)
 }
 
+/// [`spawn_service`] on a given HTTP port (so that peers can be configured before it starts).
+pub fn spawn_service_on(config: &std::path::Path, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_segstream"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--http-bind", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `method path` with an optional bearer token: status, headers (lower-case names) and body.
+pub fn http_call(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Option<(u16, HashMap<String, String>, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let mut lines = head.lines();
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((status, headers, body.to_owned()))
+}
+
 /// [`spawn_service`] with its log (stderr) written to `log`.
 pub fn spawn_service_logging(config: &std::path::Path, log: &std::path::Path) -> (Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
