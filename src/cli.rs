@@ -566,17 +566,23 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             command: ConfigCommand::Check { file },
         } => {
             let raw = RawConfig::load(file.as_deref())?;
+            let problems = raw.problems();
+            if !problems.is_empty() {
+                // Every problem once, so one run of `config check` shows all there is to fix.
+                let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                match all.as_slice() {
+                    [one] => anyhow::bail!("{one}"),
+                    _ => anyhow::bail!("{} problems:\n{}", all.len(), all.join("\n")),
+                }
+            }
             let mut effective = raw.clone();
             let settings = raw.validate()?;
             // What librdkafka itself refuses: a missing feature, property or certificate file.
             crate::kafka::check_clients(&settings)?;
             // With what validation added (the CA probe for TLS without a CA).
             effective.kafka = settings.kafka;
-            // Printed as JSON: the same keys and nesting as the TOML file, secrets redacted.
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&effective.redacted_json())?
-            );
+            // Printed as TOML, the file's own format, secrets redacted: it can be saved and used.
+            print!("{}", effective.redacted_toml());
             Ok(())
         }
     }

@@ -147,10 +147,10 @@ pub struct DecodeConfig {
     /// Messages larger than this many bytes are dead-lettered unread.
     pub max_message_bytes: usize,
     /// Events stamped further in the future than this (relative to the wall clock) are rejected.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub max_future_skew: Duration,
     /// Events older than this (relative to the wall clock) are rejected.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub max_event_age: Duration,
     /// Wire format per input topic.
     pub formats: PerSource<WireFormat>,
@@ -229,7 +229,7 @@ pub struct FeatureConfig {
     #[serde(with = "humantime_list")]
     pub half_lives: [Duration; 3],
     /// An event older than the user's latest event by more than this is late.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub allowed_lateness: Duration,
     /// What happens to a late event: `apply` it (decayed to its time), or `dead_letter` it
     /// (code `too_late`). Either way it is counted.
@@ -270,11 +270,45 @@ impl Default for GroupWeights {
     }
 }
 
+/// Durations read as humantime strings ("5m", "365days") and written back in the largest unit
+/// that divides them exactly ("365days", not humantime's "11months 30days 3h 50m 24s", whose
+/// months and years are fractional days).
+mod exact_duration {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn format(d: Duration) -> String {
+        let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+        if nanos == 0 && secs > 0 {
+            if secs == 86_400 {
+                return "1day".into();
+            }
+            for (unit, name) in [(86_400, "days"), (3_600, "h"), (60, "m"), (1, "s")] {
+                if secs % unit == 0 {
+                    return format!("{}{name}", secs / unit);
+                }
+            }
+        }
+        if nanos % 1_000_000 == 0 {
+            return format!("{}ms", d.as_millis());
+        }
+        humantime::format_duration(d).to_string()
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        humantime_serde::deserialize(d)
+    }
+}
+
 mod humantime_list {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
     pub fn serialize<S: Serializer>(v: &[Duration; 3], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+        s.collect_seq(v.iter().map(|d| super::exact_duration::format(*d)))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[Duration; 3], D::Error> {
         let v = Vec::<String>::deserialize(d)?;
@@ -362,23 +396,23 @@ pub struct ModelConfig {
     /// Standardised features are clipped to +/- this many standard deviations.
     pub clip_z: f64,
     /// Half-life of the centroids' counts in event time, so segments follow drift.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub forgetting_half_life: Duration,
     /// A user stays in a segment for at least this many of their events before moving...
     pub min_dwell_events: u32,
     /// ...or at least this long in event time, whichever comes first (so users with few events
     /// can still move, on a sweep).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub min_dwell: Duration,
     /// A move back to the segment left within this event time counts as flapping.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub flap_window: Duration,
     /// Every this much event time, all users are swept: labels that matured train the value
     /// model, and idle users are re-assigned to the drifted centroids.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub sweep_interval: Duration,
     /// Horizon H of the value model: it predicts a user's net spend over the next H.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub value_horizon: Duration,
     /// Action rules, first match wins.
     pub actions: Vec<ActionRule>,
@@ -442,21 +476,21 @@ pub struct StateConfig {
     /// in memory only and input is committed at-least-once (a restart starts from nothing).
     pub checkpoints: bool,
     /// Time between checkpoints; after a crash, input since the last one is read again.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub checkpoint_interval: Duration,
     /// Every this many checkpoints a partition's checkpoint holds all its users, so restoring
     /// never needs the changelog older than that (retention can delete it).
     pub full_checkpoint_every: u32,
     /// Retention set on the changelog topic when segstream creates it; must be well above
     /// `checkpoint_interval × full_checkpoint_every`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub changelog_retention: Duration,
     /// Retention set on the model topic when segstream creates it: a starting instance reads
     /// it to its end for the latest models, so keep it short.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub model_retention: Duration,
     /// Users without an event for this long (event time) are evicted at the next sweep.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "exact_duration")]
     pub ttl: Duration,
     /// At most this many users in memory: beyond it (plus 1 %), the least recently seen are
     /// evicted. Each eviction publishes a change with reason `evicted`.
@@ -510,8 +544,9 @@ impl Default for HttpConfig {
 /// Why a configuration was refused. One variant per rule; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    /// One line per problem the file or environment has, each naming its key as written.
+    #[error("{}", .0.join("\n"))]
+    Load(Vec<String>),
     #[error("kafka.brokers: must list host:port entries separated by commas, none of them empty")]
     NoBrokers,
     #[error("http.token: is empty, which would serve the API without authentication; set a token, or remove the key to serve without one")]
@@ -598,6 +633,29 @@ impl Settings {
     }
 }
 
+/// figment's errors, each once, as `key: what (in where)`.
+fn load_errors(e: figment::Error) -> Vec<String> {
+    let mut lines: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| match &m.source {
+                    Some(src) => format!(" (in {} {src})", m.name),
+                    None => format!(" (in {})", m.name),
+                })
+                .unwrap_or_default();
+            match e.path.join(".") {
+                key if key.is_empty() => format!("configuration: {}{source}", e.kind),
+                key => format!("{key}: {}{source}", e.kind),
+            }
+        })
+        .collect();
+    lines.dedup();
+    lines
+}
+
 impl RawConfig {
     /// Defaults < `file` < `SEGSTREAM__*` environment. CLI flags are merged by the caller with
     /// [`RawConfig::load_with`].
@@ -614,13 +672,15 @@ impl RawConfig {
         fig = fig
             .merge(Env::prefixed("SEGSTREAM__").split("__"))
             .merge(overrides);
-        fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))
+        fig.extract().map_err(|e| ConfigError::Load(load_errors(e)))
     }
 
-    pub fn validate(self) -> Result<Settings, ConfigError> {
+    /// Every rule this configuration breaks, in the order of the file's sections (empty: valid).
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
         let k = &self.kafka;
         if k.brokers.split(',').any(|b| b.trim().is_empty()) {
-            return Err(ConfigError::NoBrokers);
+            errors.push(ConfigError::NoBrokers);
         }
         if self
             .http
@@ -628,10 +688,10 @@ impl RawConfig {
             .as_deref()
             .is_some_and(|t| t.trim().is_empty())
         {
-            return Err(ConfigError::EmptyToken);
+            errors.push(ConfigError::EmptyToken);
         }
         if k.group_id.trim().is_empty() {
-            return Err(ConfigError::NoGroup);
+            errors.push(ConfigError::NoGroup);
         }
         let topics = [
             ("clickstream", &k.topics.clickstream),
@@ -645,18 +705,18 @@ impl RawConfig {
         ];
         for (i, (key, name)) in topics.iter().enumerate() {
             if name.trim().is_empty() {
-                return Err(ConfigError::EmptyTopic(key));
+                errors.push(ConfigError::EmptyTopic(key));
             }
             if topics[..i].iter().any(|(_, other)| other == name) {
-                return Err(ConfigError::DuplicateTopic((*name).clone()));
+                errors.push(ConfigError::DuplicateTopic((*name).clone()));
             }
         }
         if self.decode.max_message_bytes < 64 {
-            return Err(ConfigError::MessageLimit);
+            errors.push(ConfigError::MessageLimit);
         }
         let h = &self.features.half_lives;
         if h[0] < Duration::from_secs(1) || h[0] > h[1] || h[1] > h[2] {
-            return Err(ConfigError::HalfLife);
+            errors.push(ConfigError::HalfLife);
         }
         let w = &self.features.weights;
         for (key, v) in [
@@ -668,41 +728,41 @@ impl RawConfig {
             ("embedding", w.embedding),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return Err(ConfigError::Weight(key));
+                errors.push(ConfigError::Weight(key));
             }
         }
         let m = &self.model;
         if !(2..=256).contains(&m.k) {
-            return Err(ConfigError::K(m.k));
+            errors.push(ConfigError::K(m.k));
         }
         if m.init_users < m.k {
-            return Err(ConfigError::InitUsers {
+            errors.push(ConfigError::InitUsers {
                 k: m.k,
                 got: m.init_users,
             });
         }
         if m.init_events < m.init_users as u64 {
-            return Err(ConfigError::InitEvents {
+            errors.push(ConfigError::InitEvents {
                 users: m.init_users,
                 got: m.init_events,
             });
         }
         if m.batch_size == 0 {
-            return Err(ConfigError::BatchSize);
+            errors.push(ConfigError::BatchSize);
         }
         if !(0.0..1.0).contains(&m.hysteresis) {
-            return Err(ConfigError::Hysteresis(m.hysteresis));
+            errors.push(ConfigError::Hysteresis(m.hysteresis));
         }
         for (key, v) in [
             ("sgd_learning_rate", m.sgd_learning_rate),
             ("clip_z", m.clip_z),
         ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(ConfigError::Positive(key));
+                errors.push(ConfigError::Positive(key));
             }
         }
         if !(m.sgd_l2.is_finite() && m.sgd_l2 >= 0.0) {
-            return Err(ConfigError::L2);
+            errors.push(ConfigError::L2);
         }
         for (key, d) in [
             ("forgetting_half_life", m.forgetting_half_life),
@@ -710,25 +770,25 @@ impl RawConfig {
             ("value_horizon", m.value_horizon),
         ] {
             if d < Duration::from_secs(1) {
-                return Err(ConfigError::Interval(key));
+                errors.push(ConfigError::Interval(key));
             }
         }
         for (i, rule) in m.actions.iter().enumerate() {
             if let Some(f) = &rule.feature {
                 if crate::features::feature_index(f).is_none() {
-                    return Err(ConfigError::ActionFeature(i, f.clone()));
+                    errors.push(ConfigError::ActionFeature(i, f.clone()));
                 }
             }
         }
         if self.pipeline.max_in_flight == 0 {
-            return Err(ConfigError::InFlight);
+            errors.push(ConfigError::InFlight);
         }
         let st = &self.state;
         if st.full_checkpoint_every == 0 {
-            return Err(ConfigError::StateCount("full_checkpoint_every"));
+            errors.push(ConfigError::StateCount("full_checkpoint_every"));
         }
         if st.max_users == 0 {
-            return Err(ConfigError::StateCount("max_users"));
+            errors.push(ConfigError::StateCount("max_users"));
         }
         for (key, d) in [
             ("checkpoint_interval", st.checkpoint_interval),
@@ -737,28 +797,47 @@ impl RawConfig {
             ("ttl", st.ttl),
         ] {
             if d < Duration::from_millis(100) {
-                return Err(ConfigError::StateInterval(key));
+                errors.push(ConfigError::StateInterval(key));
             }
         }
-        let http_bind = self
-            .http
-            .bind
-            .parse()
-            .map_err(|_| ConfigError::Bind(self.http.bind.clone()))?;
+        if self.http.bind.parse::<SocketAddr>().is_err() {
+            errors.push(ConfigError::Bind(self.http.bind.clone()));
+        }
         if k.replication_factor == 0 || k.replication_factor < -1 {
-            return Err(ConfigError::Replication);
+            errors.push(ConfigError::Replication);
         }
         if k.input_partitions < 1 {
-            return Err(ConfigError::InputPartitions);
+            errors.push(ConfigError::InputPartitions);
         }
         for peer in &self.http.peers {
             let port = peer
                 .rsplit_once(':')
                 .map(|(host, port)| (host, port.parse::<u16>()));
             if !matches!(port, Some((host, Ok(_))) if !host.trim().is_empty()) {
-                return Err(ConfigError::Peer(peer.clone()));
+                errors.push(ConfigError::Peer(peer.clone()));
             }
         }
+        if let Err(e) = crate::security::checked(
+            &k.properties,
+            &k.consumer_properties,
+            &k.producer_properties,
+        ) {
+            errors.push(e.into());
+        }
+        errors
+    }
+
+    /// Validates into [`Settings`], or the first of [`RawConfig::problems`].
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        if let Some(first) = self.problems().into_iter().next() {
+            return Err(first);
+        }
+        let k = &self.kafka;
+        let http_bind = self
+            .http
+            .bind
+            .parse()
+            .map_err(|_| ConfigError::Bind(self.http.bind.clone()))?;
         let security = crate::security::checked(
             &k.properties,
             &k.consumer_properties,
@@ -808,6 +887,23 @@ impl RawConfig {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         redact(&mut v);
         v
+    }
+
+    /// [`RawConfig::redacted_json`] as TOML, the file's own format (unset keys left out).
+    pub fn redacted_toml(&self) -> String {
+        fn drop_nulls(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    map.retain(|_, v| !v.is_null());
+                    map.values_mut().for_each(drop_nulls);
+                }
+                serde_json::Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+                _ => {}
+            }
+        }
+        let mut v = self.redacted_json();
+        drop_nulls(&mut v);
+        toml::to_string_pretty(&v).unwrap_or_else(|e| format!("# not printable as TOML: {e}\n"))
     }
 }
 
@@ -873,6 +969,36 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_printed_as_exactly_as_they_were_written() {
+        use exact_duration::format;
+        assert_eq!(format(Duration::from_secs(365 * 86_400)), "365days");
+        assert_eq!(format(Duration::from_secs(90)), "90s");
+        assert_eq!(format(Duration::from_secs(300)), "5m");
+        assert_eq!(format(Duration::from_millis(300)), "300ms");
+        assert_eq!(format(Duration::from_millis(1500)), "1500ms");
+        for written in ["365days", "7days", "1h", "90s", "300ms", "1500ms"] {
+            let d = humantime::parse_duration(written).unwrap();
+            assert_eq!(
+                humantime::parse_duration(&format(d)).unwrap(),
+                d,
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_only_the_first() {
+        let mut raw = RawConfig::default();
+        raw.model.k = 1;
+        raw.model.hysteresis = 3.0;
+        raw.http.bind = "nowhere".into();
+        let problems: Vec<String> = raw.problems().iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("model.k") && problems[2].starts_with("http.bind"));
+        assert!(RawConfig::default().problems().is_empty());
+    }
+
+    #[test]
     fn secrets_are_redacted_in_the_printed_configuration() {
         let mut raw = RawConfig::default();
         raw.http.token = Some("t0ken".into());
@@ -883,6 +1009,13 @@ mod tests {
             .properties
             .insert("sasl.username".into(), "alice".into());
         let printed = raw.redacted_json().to_string();
+        let toml = raw.redacted_toml();
+        assert!(
+            !toml.contains("t0ken") && toml.contains("<redacted>"),
+            "{toml}"
+        );
+        let reread: RawConfig = toml::from_str(&toml).unwrap();
+        assert_eq!(reread.kafka.properties["sasl.username"], "alice");
         assert!(
             !printed.contains("t0ken") && !printed.contains("pa55"),
             "{printed}"
