@@ -12,6 +12,8 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The engine counters already counted (see [`Metrics::set_quality`]).
+    mirror: std::sync::Arc<std::sync::Mutex<Mirror>>,
     consumed: IntCounterVec,
     applied: IntCounterVec,
     /// Per-source handles of the two per-message counters (no label lookup per message).
@@ -140,6 +142,7 @@ impl Metrics {
             &["topic"],
         );
         let m = Metrics {
+            mirror: Default::default(),
             consumed_by: Source::ALL.map(|s| consumed.with_label_values(&[s.as_str()])),
             applied_by: Source::ALL.map(|s| applied.with_label_values(&[s.as_str()])),
             consumed,
@@ -485,10 +488,22 @@ impl Metrics {
         let p = if applied { "applied" } else { "dead_letter" };
         self.late.with_label_values(&[s.as_str(), p]).inc();
     }
-    /// Mirrors the engine's quality figures and counters.
+    /// Takes the engine's counters as restored from a checkpoint as already counted: this
+    /// process's counters count what happened since it started (Prometheus sees a restart as a
+    /// reset), instead of jumping by the restored totals, which reads as a burst of flaps,
+    /// evictions and labels at every restart.
+    pub fn rebase_counters(&self, counters: &crate::engine::Counters, repairs: u64) {
+        *self.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Mirror {
+            flaps: counters.flaps,
+            repairs,
+            labels: counters.labels_matured,
+            evicted: counters.evicted,
+        };
+    }
+
+    /// Mirrors the engine's quality figures and counters (their increments since last time).
     pub fn set_quality(
         &self,
-        mirror: &mut Mirror,
         counters: &crate::engine::Counters,
         repairs: u64,
         rmse: f64,
@@ -496,6 +511,7 @@ impl Metrics {
         mean_distance: f64,
     ) {
         let (flaps, labels, evicted) = (counters.flaps, counters.labels_matured, counters.evicted);
+        let mut mirror = self.mirror.lock().unwrap_or_else(|e| e.into_inner());
         self.flaps.inc_by(flaps.saturating_sub(mirror.flaps));
         self.repairs.inc_by(repairs.saturating_sub(mirror.repairs));
         self.labels.inc_by(labels.saturating_sub(mirror.labels));
@@ -663,6 +679,24 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restored_engine_counters_do_not_jump_the_exported_ones() {
+        let m = Metrics::new();
+        let flaps = |n| crate::engine::Counters {
+            flaps: n,
+            ..Default::default()
+        };
+        m.set_quality(&flaps(10), 0, 0.0, (0.0, 0.0), 0.0);
+        // A restore brings the checkpoint's total (100); only what follows it is counted.
+        m.rebase_counters(&flaps(100), 0);
+        m.set_quality(&flaps(103), 0, 0.0, (0.0, 0.0), 0.0);
+        assert!(
+            m.render().contains("segstream_segment_flaps_total 13"),
+            "{}",
+            m.render()
+        );
+    }
 
     #[test]
     fn names_follow_the_convention_and_series_exist_before_traffic() {

@@ -17,7 +17,7 @@ use crate::engine::{Engine, Outcome};
 use crate::event::{ChangeReason, SegmentChange, Source};
 use crate::http::{ApiCommand, PipelineLink};
 use crate::kafka::{commit_sync, consumer_config, producer, send, RebalanceEvent, SegContext};
-use crate::metrics::{Metrics, Mirror};
+use crate::metrics::Metrics;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -221,7 +221,6 @@ pub async fn run_with_api(
     let mut checkpoints = tokio::time::interval(settings.state.checkpoint_interval);
     checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut limiter = LogLimiter::default();
-    let mut mirror = Mirror::default();
     let mut result = Ok(());
     let mut burst = 0;
     // The message after the current one, taken early (see `look_ahead`).
@@ -255,7 +254,7 @@ pub async fn run_with_api(
                     continue;
                 }
                 _ = gauges.tick() => {
-                    refresh_gauges(&metrics, &mut mirror, &engine);
+                    refresh_gauges(&metrics, &engine);
                     link.publish(&engine);
                     continue;
                 }
@@ -521,7 +520,7 @@ pub async fn run_with_api(
         let _ = consumer.unassign();
     }
     consumer.unsubscribe();
-    refresh_gauges(&metrics, &mut mirror, &engine);
+    refresh_gauges(&metrics, &engine);
     info!(
         applied = engine.applied(),
         users = engine.users(),
@@ -660,6 +659,7 @@ async fn restore(
                 engine
                     .restore_global(&g)
                     .map_err(|e| PipelineError::Model(e.to_string()))?;
+                metrics.rebase_counters(&engine.counters(), engine.kmeans_repairs());
                 // The published models are at least as new as the checkpoint's.
                 if let Some(m) = &durable.latest_model {
                     engine
@@ -1134,7 +1134,7 @@ async fn commit_in_order(
     Ok(())
 }
 
-fn refresh_gauges(metrics: &Metrics, mirror: &mut Mirror, engine: &Engine) {
+fn refresh_gauges(metrics: &Metrics, engine: &Engine) {
     metrics.set_checkpoint_age(wall_ms());
     let (mae, rmse, _) = engine.value_errors();
     let c = engine.counters();
@@ -1145,7 +1145,6 @@ fn refresh_gauges(metrics: &Metrics, mirror: &mut Mirror, engine: &Engine) {
         engine.segment_sizes().into_iter(),
     );
     metrics.set_quality(
-        mirror,
         &c,
         engine.kmeans_repairs(),
         rmse,
