@@ -39,6 +39,37 @@ pub struct Catalogue {
     pub segments: Vec<SegmentInfo>,
 }
 
+/// Segment sizes over time, kept by the server so the status page starts with its past: one
+/// point per [`History::EVERY_MS`] (the newest follows the live sizes until the next is due),
+/// the last [`History::LEN`] of them (an hour).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct History {
+    pub interval_ms: i64,
+    /// `(wall-clock ms, size of each segment)`, oldest first.
+    pub points: std::collections::VecDeque<(i64, Vec<u64>)>,
+}
+
+impl History {
+    pub const EVERY_MS: i64 = 5_000;
+    pub const LEN: usize = 720;
+
+    /// Records the sizes at `now_ms`.
+    pub fn record(&mut self, now_ms: i64, sizes: Vec<u64>) {
+        self.interval_ms = Self::EVERY_MS;
+        match self.points.back_mut() {
+            Some((t, last)) if now_ms - *t < Self::EVERY_MS && last.len() == sizes.len() => {
+                *last = sizes
+            }
+            _ => {
+                self.points.push_back((now_ms, sizes));
+                if self.points.len() > Self::LEN {
+                    self.points.pop_front();
+                }
+            }
+        }
+    }
+}
+
 /// Requests the API makes of the pipeline.
 #[derive(Debug)]
 pub enum ApiCommand {
@@ -56,6 +87,7 @@ pub struct ApiState {
     store: Arc<Store>,
     params: FeatureParams,
     catalogue: Arc<RwLock<Catalogue>>,
+    history: Arc<RwLock<History>>,
     commands: mpsc::Sender<ApiCommand>,
     token: Option<Arc<str>>,
     /// The other instances, asked about users this one does not hold.
@@ -65,6 +97,7 @@ pub struct ApiState {
 /// The pipeline's end of the API: where it publishes the catalogue and receives commands.
 pub struct PipelineLink {
     pub catalogue: Arc<RwLock<Catalogue>>,
+    pub history: Arc<RwLock<History>>,
     pub commands: mpsc::Receiver<ApiCommand>,
 }
 
@@ -74,11 +107,18 @@ impl PipelineLink {
         let (_tx, rx) = mpsc::channel(1);
         Self {
             catalogue: Arc::default(),
+            history: Arc::default(),
             commands: rx,
         }
     }
 
-    pub fn publish(&self, engine: &Engine) {
+    /// Publishes the engine's catalogue, and its segment sizes at `now_ms` into the history.
+    pub fn publish(&self, engine: &Engine, now_ms: i64) {
+        let sizes = engine.segments().iter().map(|s| s.size as u64).collect();
+        self.history
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(now_ms, sizes);
         let c = Catalogue {
             model_version: engine.model_version(),
             trainer: engine.is_trainer(),
@@ -100,16 +140,19 @@ pub fn link(
 ) -> (ApiState, PipelineLink) {
     let (tx, rx) = mpsc::channel(64);
     let catalogue: Arc<RwLock<Catalogue>> = Arc::default();
+    let history: Arc<RwLock<History>> = Arc::default();
     let link = PipelineLink {
         catalogue: catalogue.clone(),
+        history: history.clone(),
         commands: rx,
     };
-    link.publish(engine);
+    link.publish(engine, crate::pipeline::wall_ms());
     let state = ApiState {
         metrics,
         store: engine.store(),
         params: engine.feature_params().clone(),
         catalogue,
+        history,
         commands: tx,
         peers: Peers::new(peers, token.clone()),
         token: token.map(Arc::from),
@@ -131,6 +174,7 @@ pub fn api_router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/users/{id}", get(user).delete(erase))
         .route("/segments", get(segments))
+        .route("/segments/history", get(segment_history))
         .route("/", get(status_page))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state.clone());
@@ -237,6 +281,10 @@ async fn segments(State(s): State<ApiState>) -> Json<Catalogue> {
     )
 }
 
+async fn segment_history(State(s): State<ApiState>) -> Json<History> {
+    Json(s.history.read().unwrap_or_else(|p| p.into_inner()).clone())
+}
+
 async fn erase(State(s): State<ApiState>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let (reply, answer) = oneshot::channel();
     let sent = s
@@ -326,4 +374,28 @@ pub async fn serve(
             .await
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::History;
+
+    #[test]
+    fn history_keeps_a_point_per_interval_the_newest_live_and_an_hour_at_most() {
+        let mut h = History::default();
+        h.record(0, vec![1, 2]);
+        h.record(1_000, vec![3, 4]);
+        assert_eq!(h.points.len(), 1, "the newest point follows the live sizes");
+        assert_eq!(h.points[0], (0, vec![3, 4]));
+        h.record(History::EVERY_MS, vec![5, 6]);
+        assert_eq!(h.points.len(), 2);
+        for i in 2..(History::LEN as i64 + 10) {
+            h.record(i * History::EVERY_MS, vec![0, 0]);
+        }
+        assert_eq!(h.points.len(), History::LEN);
+        // A new model with another k starts a new point at once.
+        let last = h.points.back().unwrap().0;
+        h.record(last + 1, vec![0, 0, 0]);
+        assert_eq!(h.points.back().unwrap().1.len(), 3);
+    }
 }

@@ -255,7 +255,7 @@ pub async fn run_with_api(
                 }
                 _ = gauges.tick() => {
                     refresh_gauges(&metrics, &engine);
-                    link.publish(&engine);
+                    link.publish(&engine, wall_ms());
                     continue;
                 }
                 Some(m) = async { match &models_in { Some(c) => Some(c.recv().await), None => None } } => {

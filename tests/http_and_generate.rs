@@ -288,6 +288,22 @@ async fn the_status_page_renders_segments_in_a_real_browser() {
         settings.model.k,
         "the sizes chart is drawn"
     );
+    // Axes with user counts and clock times, and a legend naming every segment.
+    assert!(
+        chart.matches("class=\"axis\"").count() >= 2 + 5 + 3,
+        "{chart}"
+    );
+    assert!(chart.contains(">users</text>"), "{chart}");
+    let legend = html
+        .split("<div class=\"legend\" id=\"legend\">")
+        .nth(1)
+        .and_then(|l| l.split("</div>").next())
+        .expect("the legend");
+    assert_eq!(
+        legend.matches("class=\"entry\"").count(),
+        settings.model.k,
+        "{legend}"
+    );
 }
 
 /// A pipeline with its HTTP API on a free port, having consumed 2,000 persona records.
