@@ -192,6 +192,12 @@ const REFITS: u32 = 3;
 /// Names remembered per category bucket.
 const NAMES_PER_BUCKET: usize = 32;
 
+/// How far a segment's affinity to its top category must lead its affinity to its other
+/// categories (in the population's standard deviations) for a `{category}` action (cross-sell)
+/// to name it: half a standard deviation, the level at which descriptions call a feature out.
+/// Below it the segment has no category of its own, and the rule does not apply.
+const CROSS_SELL_MIN_Z: f64 = 0.5;
+
 fn ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -858,15 +864,37 @@ impl Engine {
             .map_or_else(|| format!("category group {b}"), |(n, _)| n.clone())
     }
 
-    /// The segment's strongest category name.
-    fn top_category(&self, j: usize) -> String {
-        let first = CATEGORY_START;
-        let best = self.models.kmeans.centroids().map_or(0, |c| {
-            (0..CATEGORY_BUCKETS)
-                .max_by(|&a, &b| c[[j, first + a]].total_cmp(&c[[j, first + b]]))
-                .unwrap_or(0)
-        });
-        self.category_name(best)
+    /// The category segment `j`'s members engage with more than with their other categories,
+    /// compared with the population: among the buckets that vary across users and have a name
+    /// seen in events, the top one's affinity z-score must exceed the mean of the others by
+    /// [`CROSS_SELL_MIN_Z`]. Affinities are activity levels, so a segment that is simply more
+    /// active is high on every category; only a lead over its own other categories says what to
+    /// offer. With fewer than two such categories (one category in the data, or none) there is
+    /// nothing to cross-sell.
+    fn top_category(&self, j: usize) -> Option<String> {
+        let c = self.models.kmeans.centroids()?;
+        let known: Vec<(usize, f64)> = (0..CATEGORY_BUCKETS)
+            .filter(|&b| !self.models.category_names[b].is_empty())
+            .filter_map(|b| {
+                let w = self.models.scaler.weight(CATEGORY_START + b);
+                (w > 0.0).then(|| (b, c[[j, CATEGORY_START + b]] / w))
+            })
+            .collect();
+        if known.len() < 2 {
+            return None;
+        }
+        let (best, z) = known
+            .iter()
+            .copied()
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))?;
+        let others = (known.iter().map(|(_, z)| z).sum::<f64>() - z) / (known.len() - 1) as f64;
+        if z - others < CROSS_SELL_MIN_Z {
+            return None;
+        }
+        self.models.category_names[best]
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+            .map(|(n, _)| n.clone())
     }
 
     /// The first action rule that segment `j` (and the user's value, if given) satisfies.
@@ -899,9 +927,14 @@ impl Engine {
                 let z = if w > 0.0 { c[[j, i]] / w } else { 0.0 };
                 !(r.min_z.is_some_and(|m| z < m) || r.max_z.is_some_and(|m| z > m))
             })
-            .map(|r| {
-                let tag = r.tag.replace("{category}", &self.top_category(j));
-                (r.min_user_value, tag)
+            .filter_map(|r| {
+                // A rule naming `{category}` applies only where a category stands out.
+                let tag = if r.tag.contains("{category}") {
+                    r.tag.replace("{category}", &self.top_category(j)?)
+                } else {
+                    r.tag.clone()
+                };
+                Some((r.min_user_value, tag))
             })
             .collect()
     }
@@ -1484,6 +1517,52 @@ mod tests {
                 .is_some_and(|a| a.starts_with("cross_sell:"))),
             "{segments:?}"
         );
+    }
+
+    #[test]
+    fn a_cross_sell_needs_a_category_the_segments_members_stand_out_on() {
+        // The same personas, but every click and line item in one category: no segment has a
+        // category of its own, so no cross-sell can name one (it used to name a hash bucket).
+        let mut e = Engine::new(&RawConfig::default().validate().unwrap());
+        let mut g = Generator::new(3, 600, 0.0);
+        let mut t = T0;
+        for _ in 0..40_000 {
+            t += 1_000;
+            let mut ev = g.next_event(t);
+            match &mut ev {
+                Event::Click(c) => c.category = "everything".into(),
+                Event::Purchase(p) => p
+                    .items
+                    .iter_mut()
+                    .for_each(|i| i.category = "everything".into()),
+                Event::Social(s) => {
+                    if s.target_category.is_some() {
+                        s.target_category = Some("everything".into());
+                    }
+                }
+            }
+            e.apply(&ev, t);
+        }
+        let segments = e.segments();
+        assert!(
+            segments.iter().all(|s| !s
+                .action
+                .as_deref()
+                .is_some_and(|a| a.starts_with("cross_sell:"))),
+            "{segments:?}"
+        );
+        // With the personas' own categories a cross-sell names a category with real affinity.
+        let (e, _) = trained(RawConfig::default(), 40_000);
+        for s in e.segments() {
+            if let Some(cat) = s
+                .action
+                .as_deref()
+                .and_then(|a| a.strip_prefix("cross_sell:"))
+            {
+                assert!(!cat.starts_with("category group"), "{s:?}");
+                assert_eq!(e.top_category(s.id as usize).as_deref(), Some(cat));
+            }
+        }
     }
 
     #[test]
