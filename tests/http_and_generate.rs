@@ -232,8 +232,21 @@ impl WithStdin for std::process::Command {
 async fn the_status_page_renders_segments_in_a_real_browser() {
     let run = start_api("page", 9, None).await;
     let (settings, addr) = (run.settings.clone(), run.addr);
-    // Let the pipeline publish the catalogue of the seeded model.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Until the pipeline has published the seeded model's catalogue.
+    let mut published = false;
+    for _ in 0..100 {
+        let (_, body) = request(addr, "GET", "/segments", None).await;
+        let c: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if c["segments"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["size"].as_i64() > Some(0)))
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(published, "the catalogue was published");
 
     // Debian's chromium (.ci/run installs it), headless, as the workplace's probe runs it.
     let profile = tempfile::tempdir().unwrap();
