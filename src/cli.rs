@@ -329,6 +329,12 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let engine = crate::engine::Engine::with_model(&settings, &a.model)
                 .with_context(|| format!("loading model {}", a.model.display()))?;
             let segments = engine.segments();
+            if !engine.is_seeded() {
+                anyhow::bail!(
+                    "{}: the model has no segments yet (k-means had not seen model.init_events events from model.init_users users when it was saved)",
+                    a.model.display()
+                );
+            }
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&segments)?);
             } else {

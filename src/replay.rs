@@ -210,6 +210,14 @@ pub fn replay(
     report.value_rmse = rmse;
     report.value_labels = labels;
     (report.value_calibration, report.purchase_log_loss) = engine.value_calibration();
+    if !engine.is_seeded() {
+        tracing::warn!(
+            events = events.len(),
+            init_users = settings.model.init_users,
+            init_events = settings.model.init_events,
+            "No segments yet: k-means seeds after model.init_events events from model.init_users users, which this history does not reach. A saved model has no segments; replay more history or lower them."
+        );
+    }
     if engine.value_source() != "model" {
         tracing::warn!(
             labels,

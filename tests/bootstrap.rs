@@ -116,3 +116,41 @@ async fn a_model_bootstrapped_from_history_serves_from_the_first_event() {
         "{profile}"
     );
 }
+
+#[test]
+fn too_little_history_for_segments_is_said_not_saved_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |f: &str| dir.path().join(f).display().to_string();
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/online_retail.csv.gz"
+    );
+    segstream(&[
+        "retail",
+        "--input",
+        data,
+        "--output",
+        &path("retail.ndjson"),
+    ]);
+    // Two days of history: far fewer than model.init_events (4,000) events.
+    let replay = segstream(&[
+        "replay",
+        "--purchases",
+        &path("retail.ndjson"),
+        "--until",
+        "2010-12-03T00:00:00Z",
+        "--save-model",
+        &path("model.json"),
+    ]);
+    let log = String::from_utf8_lossy(&replay.stderr);
+    assert!(log.contains("No segments yet"), "{log}");
+    let listed = Command::new(env!("CARGO_BIN_EXE_segstream"))
+        .args(["segments", "--model", &path("model.json")])
+        .output()
+        .unwrap();
+    assert!(!listed.status.success());
+    assert!(
+        String::from_utf8_lossy(&listed.stderr).contains("no segments yet"),
+        "{listed:?}"
+    );
+}
