@@ -147,8 +147,8 @@ fn advice(topic: &Topic, settings: &Settings) -> &'static str {
 pub enum TopicsError {
     #[error("inputs, changelog and erasure topics must have the same number of partitions (co-partitioned); found {0}")]
     NotCopartitioned(String),
-    #[error("creating topics: {0}")]
-    Create(rdkafka::error::KafkaError),
+    #[error("kafka client for the topic check: {0}")]
+    Client(rdkafka::error::KafkaError),
 }
 
 /// Waits until the cluster answers and every topic exists, creating what `kafka.create_topics`
@@ -161,7 +161,7 @@ pub async fn prepare(
 ) -> Result<bool, TopicsError> {
     let topics = of(settings);
     let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
-    let probe = kafka::Probe::new(settings).map_err(TopicsError::Create)?;
+    let probe = kafka::Probe::new(settings).map_err(TopicsError::Client)?;
     let mut wait = Duration::from_secs(1);
     loop {
         let p = probe.clone();
@@ -186,18 +186,28 @@ pub async fn prepare(
                 Plan::Ready => return Ok(true),
                 Plan::NotCopartitioned(found) => return Err(TopicsError::NotCopartitioned(found)),
                 Plan::Missing { create, wait_for } => {
+                    let mut refused = false;
                     for (t, partitions) in &create {
                         info!(topic = %t.name, partitions, "Creating a missing topic.");
-                        kafka::create_topic(
-                            settings,
-                            &t.name,
-                            *partitions,
-                            &topic_config(settings, t),
-                        )
-                        .await
-                        .map_err(TopicsError::Create)?;
+                        let config = topic_config(settings, t);
+                        if let Err(e) =
+                            kafka::create_topic(settings, &t.name, *partitions, &config).await
+                        {
+                            // Most often no CREATE permission (ACLs) or a topic policy: say
+                            // so and wait, as for a topic segstream may not create.
+                            refused = true;
+                            metrics.set_ready(false);
+                            error!(
+                                topic = %t.name,
+                                key = %format!("kafka.topics.{}", t.key),
+                                error = %e,
+                                what_to_do = "create it (with the partition count above), or let segstream create topics (CREATE permission)",
+                                retry_in = ?wait,
+                                "The cluster refused to create a topic segstream needs."
+                            );
+                        }
                     }
-                    if wait_for.is_empty() {
+                    if wait_for.is_empty() && !refused {
                         continue;
                     }
                     metrics.set_ready(false);
