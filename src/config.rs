@@ -930,6 +930,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_production_example_is_a_valid_sasl_ssl_configuration() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.example.toml");
+        let raw = RawConfig::load(Some(&file)).unwrap();
+        assert!(raw.problems().is_empty(), "{:?}", raw.problems());
+        let s = raw.validate().unwrap();
+        assert_eq!(s.security.describe(), "SASL_SSL/SCRAM-SHA-512");
+        // No CA set: the system bundle is looked up (the vendored OpenSSL has none of its own).
+        assert_eq!(s.kafka.properties["ssl.ca.location"], "probe");
+    }
+
+    #[test]
     fn each_rule_names_its_key() {
         let mut raw = RawConfig::default();
         raw.model.k = 1;
