@@ -234,6 +234,7 @@ pub async fn ensure_topics(
 }
 
 /// [`ensure_topics`] with topic configuration (`retention.ms`, ...) for the ones it creates.
+/// Replication is the broker's default (`default.replication.factor`).
 pub async fn ensure_topics_with(
     brokers: &str,
     properties: &BTreeMap<String, String>,
@@ -241,21 +242,30 @@ pub async fn ensure_topics_with(
     partitions: i32,
     config: &[(&str, &str)],
 ) -> Result<(), KafkaError> {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", brokers);
-    apply_properties(&mut cfg, properties);
-    let admin: AdminClient<DefaultClientContext> = cfg.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
             config.iter().fold(
-                NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                NewTopic::new(t, partitions, TopicReplication::Fixed(-1)),
                 |n, (k, v)| n.set(k, v),
             )
         })
         .collect();
+    create_topics(brokers, properties, &new).await
+}
+
+/// Creates `new` with an admin client; a topic that already exists is left as it is.
+async fn create_topics(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    new: &[NewTopic<'_>],
+) -> Result<(), KafkaError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    apply_properties(&mut cfg, properties);
+    let admin: AdminClient<DefaultClientContext> = cfg.create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics(&new, &opts).await? {
+    for result in admin.create_topics(new, &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
@@ -291,29 +301,12 @@ pub async fn create_topic(
     partitions: i32,
     config: &[(&str, String)],
 ) -> Result<(), KafkaError> {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &s.kafka.brokers);
-    apply_properties(&mut cfg, &s.kafka.properties);
-    let admin: AdminClient<DefaultClientContext> = cfg.create()?;
-    let replication = match s.kafka.replication_factor {
-        -1 => TopicReplication::Fixed(-1),
-        n => TopicReplication::Fixed(n),
-    };
+    let replication = TopicReplication::Fixed(s.kafka.replication_factor);
     let new = config.iter().fold(
         NewTopic::new(topic, partitions, replication),
         |n, (k, v)| n.set(k, v),
     );
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics([&new], &opts).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                warn!(%topic, error = %code, "Could not create topic.");
-                return Err(KafkaError::AdminOp(code));
-            }
-        }
-    }
-    Ok(())
+    create_topics(&s.kafka.brokers, &s.kafka.properties, &[new]).await
 }
 
 /// Why no broker answered, from the errors the client reported while it tried.

@@ -24,6 +24,17 @@ fn segstream(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// The committed Online Retail data as purchase events (NDJSON), written into `dir`.
+fn retail_events(dir: &std::path::Path) -> String {
+    let out = dir.join("retail.ndjson").display().to_string();
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/online_retail.csv.gz"
+    );
+    segstream(&["retail", "--input", data, "--output", &out]);
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_bootstrapped_from_history_serves_from_the_first_event() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,23 +42,13 @@ async fn a_model_bootstrapped_from_history_serves_from_the_first_event() {
     // Seeding after 1,000 events, so that three months of history train a model.
     let model_config = "[model]\ninit_users = 200\ninit_events = 1000\n";
     std::fs::write(path("replay.toml"), model_config).unwrap();
-    let data = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/online_retail.csv.gz"
-    );
-    segstream(&[
-        "retail",
-        "--input",
-        data,
-        "--output",
-        &path("retail.ndjson"),
-    ]);
+    let events = retail_events(dir.path());
     segstream(&[
         "replay",
         "--config",
         &path("replay.toml"),
         "--purchases",
-        &path("retail.ndjson"),
+        &events,
         "--until",
         "2011-02-20T00:00:00Z",
         "--save-model",
@@ -121,22 +122,12 @@ async fn a_model_bootstrapped_from_history_serves_from_the_first_event() {
 fn too_little_history_for_segments_is_said_not_saved_silently() {
     let dir = tempfile::tempdir().unwrap();
     let path = |f: &str| dir.path().join(f).display().to_string();
-    let data = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/online_retail.csv.gz"
-    );
-    segstream(&[
-        "retail",
-        "--input",
-        data,
-        "--output",
-        &path("retail.ndjson"),
-    ]);
+    let events = retail_events(dir.path());
     // Two days of history: far fewer than model.init_events (4,000) events.
     let replay = segstream(&[
         "replay",
         "--purchases",
-        &path("retail.ndjson"),
+        &events,
         "--until",
         "2010-12-03T00:00:00Z",
         "--save-model",

@@ -14,52 +14,9 @@ use common::tls::{front, Pki};
 use common::*;
 use segstream::app::{create_all_topics, settings_with};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PATIENCE: Duration = Duration::from_secs(90);
-
-/// A broker of the test's own on `listen`, advertising `advertised` (the TLS front's port, or
-/// `listen` itself), stopped when dropped.
-struct Broker(Child);
-
-impl Broker {
-    fn start(listen: u16, advertised: u16, authentication: bool) -> Broker {
-        let tansu = std::env::var("SEGSTREAM_TEST_TANSU")
-            .expect("SEGSTREAM_TEST_TANSU is not set: run the tests with `bash .ci/run`");
-        let mut cmd = Command::new(tansu);
-        cmd.args([
-            "broker",
-            "--listener-url",
-            &format!("tcp://127.0.0.1:{listen}"),
-            "--advertised-listener-url",
-            &format!("tcp://127.0.0.1:{advertised}"),
-            "--storage-engine",
-            "memory://tansu/",
-        ]);
-        if authentication {
-            cmd.arg("--authentication");
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
-            assert!(Instant::now() < deadline, "the broker did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker(child)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
 
 fn properties(pairs: &[(&str, String)]) -> Vec<(String, String)> {
     pairs
@@ -73,7 +30,7 @@ async fn the_pipeline_runs_over_tls_with_a_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let (listen, tls_port) = (free_port(), free_port());
-    let _broker = Broker::start(listen, tls_port, false);
+    let _broker = OwnBroker::start(listen, tls_port, false);
     front(&pki, tls_port, listen, true).await;
 
     let mut settings = settings_with(
@@ -144,7 +101,7 @@ async fn an_untrusted_broker_a_missing_client_certificate_and_plain_text_to_tls_
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let (listen, tls_port) = (free_port(), free_port());
-    let _broker = Broker::start(listen, tls_port, false);
+    let _broker = OwnBroker::start(listen, tls_port, false);
     front(&pki, tls_port, listen, true).await;
     let brokers = format!("127.0.0.1:{tls_port}");
     let tls = |ca: &str| {
@@ -173,7 +130,7 @@ async fn an_untrusted_broker_a_missing_client_certificate_and_plain_text_to_tls_
 async fn a_scram_login_the_broker_refuses_is_named_as_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _broker = Broker::start(port, port, true);
+    let _broker = OwnBroker::start(port, port, true);
     let sasl = properties(&[
         ("security.protocol", "SASL_PLAINTEXT".into()),
         ("sasl.mechanism", "SCRAM-SHA-512".into()),

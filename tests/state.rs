@@ -367,31 +367,9 @@ impl Relay {
 /// with the state of an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_of_30_s_loses_nothing_and_shows_in_readiness() {
-    let tansu = std::env::var("SEGSTREAM_TEST_TANSU")
-        .expect("SEGSTREAM_TEST_TANSU is not set: run the tests with `bash .ci/run`");
     let (listen, advertised) = (free_port(), free_port());
-    let mut broker = std::process::Command::new(tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &format!("tcp://127.0.0.1:{listen}"),
-            "--advertised-listener-url",
-            &format!("tcp://127.0.0.1:{advertised}"),
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let broker = OwnBroker::start(listen, advertised, false);
     let mut relay = Relay::start(advertised, listen).await;
-    // Until the broker listens.
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()
-        })
-        .await
-    );
 
     let outcome = async {
         let mut settings = segstream::app::settings_for(
@@ -440,7 +418,6 @@ async fn a_broker_outage_of_30_s_loses_nothing_and_shows_in_readiness() {
     };
     let result = tokio::time::timeout(Duration::from_secs(240), outcome).await;
     relay.down();
-    broker.kill().ok();
-    broker.wait().ok();
+    drop(broker);
     result.expect("the outage test finished in time");
 }

@@ -291,32 +291,68 @@ full_checkpoint_every = 7
 
 /// `segstream run --config FILE` as a separate process, serving HTTP on a free port.
 pub fn spawn_service(config: &std::path::Path) -> (Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_segstream"))
-        .args(["run", "--config"])
-        .arg(config)
-        .args(["--http-bind", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    (child, port)
+    let port = free_port();
+    (spawn_service_on(config, port), port)
 }
 
 /// [`spawn_service`] on a given HTTP port (so that peers can be configured before it starts).
 pub fn spawn_service_on(config: &std::path::Path, port: u16) -> Child {
+    spawn_run(config, port, Stdio::null())
+}
+
+/// `segstream run --config FILE --http-bind 127.0.0.1:PORT`, its log (stderr) to `stderr`.
+fn spawn_run(config: &std::path::Path, port: u16, stderr: Stdio) -> Child {
     Command::new(env!("CARGO_BIN_EXE_segstream"))
         .args(["run", "--config"])
         .arg(config)
         .args(["--http-bind", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap()
+}
+
+/// A broker of the test's own (Tansu from `SEGSTREAM_TEST_TANSU`) on `listen`, advertising
+/// `advertised` (a TLS front's or a relay's port, or `listen` itself), with client
+/// authentication when asked; stopped when dropped.
+pub struct OwnBroker(Child);
+
+impl OwnBroker {
+    pub fn start(listen: u16, advertised: u16, authentication: bool) -> OwnBroker {
+        let tansu = std::env::var("SEGSTREAM_TEST_TANSU")
+            .expect("SEGSTREAM_TEST_TANSU is not set: run the tests with `bash .ci/run`");
+        let mut cmd = Command::new(tansu);
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{listen}"),
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{advertised}"),
+            "--storage-engine",
+            "memory://tansu/",
+        ]);
+        if authentication {
+            cmd.arg("--authentication");
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
+            assert!(Instant::now() < deadline, "the broker did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OwnBroker(child)
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
 }
 
 /// A free loopback port.
@@ -357,20 +393,9 @@ pub fn http_call(
 
 /// [`spawn_service`] with its log (stderr) written to `log`.
 pub fn spawn_service_logging(config: &std::path::Path, log: &std::path::Path) -> (Child, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_segstream"))
-        .args(["run", "--config"])
-        .arg(config)
-        .args(["--http-bind", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    (child, port)
+    let port = free_port();
+    let stderr = std::fs::File::create(log).unwrap();
+    (spawn_run(config, port, stderr.into()), port)
 }
 
 /// SIGTERM, then the exit status (SIGKILL and a panic after 30 s).
@@ -393,31 +418,14 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
 
 /// The body of `GET path` on the service's HTTP port, if it answers.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    http_call(port, "GET", path, None)
+        .filter(|(status, _, _)| *status == 200)
+        .map(|(_, _, body)| body)
 }
 
 /// The status code of `GET path` on the service's HTTP port, if it answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    response.split(' ').nth(1)?.parse().ok()
+    http_call(port, "GET", path, None).map(|(status, _, _)| status)
 }
 
 /// The sum of a metric family's samples from the service's /metrics, if it answers.
