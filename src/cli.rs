@@ -152,12 +152,8 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct ConfigArgs {
-    /// TOML configuration file (see config/segstream.toml).
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Bootstrap servers (overrides kafka.brokers).
-    #[arg(long)]
-    pub brokers: Option<String>,
+    #[command(flatten)]
+    pub cluster: ProducerConfigArgs,
     /// Consumer group (overrides kafka.group_id).
     #[arg(long)]
     pub group: Option<String>,
@@ -168,24 +164,22 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     pub fn load(&self) -> anyhow::Result<crate::config::Settings> {
-        let mut flags = Figment::new();
-        if let Some(b) = &self.brokers {
-            flags = flags.merge(("kafka.brokers", b));
-        }
+        let mut flags = self.cluster.flags();
         if let Some(g) = &self.group {
             flags = flags.merge(("kafka.group_id", g));
         }
         if let Some(h) = &self.http_bind {
             flags = flags.merge(("http.bind", h));
         }
-        Ok(RawConfig::load_with(self.config.as_deref(), flags)?.validate()?)
+        Ok(RawConfig::load_with(self.cluster.config.as_deref(), flags)?.validate()?)
     }
 }
 
-/// What `generate` takes of the configuration: it neither joins a group nor serves HTTP.
+/// What `generate` takes of the configuration (it neither joins a group nor serves HTTP), and
+/// the part of [`ConfigArgs`] every command shares.
 #[derive(Debug, Args, Clone, Default)]
 pub struct ProducerConfigArgs {
-    /// TOML configuration file (see config/segstream.toml): brokers, topics, wire formats.
+    /// TOML configuration file (see config/segstream.toml).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Bootstrap servers (overrides kafka.brokers).
@@ -194,13 +188,15 @@ pub struct ProducerConfigArgs {
 }
 
 impl ProducerConfigArgs {
-    pub fn load(&self) -> anyhow::Result<crate::config::Settings> {
-        ConfigArgs {
-            config: self.config.clone(),
-            brokers: self.brokers.clone(),
-            ..ConfigArgs::default()
+    fn flags(&self) -> Figment {
+        match &self.brokers {
+            Some(b) => Figment::new().merge(("kafka.brokers", b)),
+            None => Figment::new(),
         }
-        .load()
+    }
+
+    pub fn load(&self) -> anyhow::Result<crate::config::Settings> {
+        Ok(RawConfig::load_with(self.config.as_deref(), self.flags())?.validate()?)
     }
 }
 
