@@ -347,10 +347,11 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
     println!("\nFinal segments:");
     for s in &segments {
         println!(
-            "  segment {:>2}: {:>6} users  value {:>8.2}  {:<22} {}",
+            "  segment {:>2}: {:>6} users  value {:>8.2}  p(buy) {:>5.1}%  {:<22} {}",
             s.id,
             s.size,
             s.mean_predicted_value,
+            100.0 * s.mean_purchase_probability,
             s.action.as_deref().unwrap_or("-"),
             s.label
         );

@@ -21,7 +21,7 @@
 //! "zombie") cannot mix its state into the new owner's.
 
 use crate::event::{Source, UserId};
-use crate::features::{UserState, LAYOUT_VERSION};
+use crate::features::{Signals, UserState, LAYOUT_VERSION};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -36,8 +36,10 @@ pub const EPOCH_HEADER: &str = "segstream.epoch";
 /// Key of marker records.
 pub const MARKER_KEY: &[u8] = b"segstream.marker";
 
-/// First byte of an encoded user state; bumped when the encoding changes.
-const USER_FORMAT: u8 = 1;
+/// First byte of an encoded user state; bumped when the encoding changes. Format 1 is the
+/// state alone; format 2 appends its [`Signals`] (format 1 restores with none).
+const USER_FORMAT: u8 = 2;
+const USER_FORMAT_STATE_ONLY: u8 = 1;
 
 /// The end of one partition's checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,12 +92,18 @@ pub fn encode_user(state: &UserState) -> Vec<u8> {
     let mut out = vec![USER_FORMAT];
     // Serialising plain data into a Vec cannot fail.
     out.extend(postcard::to_stdvec(state).unwrap_or_default());
+    out.extend(postcard::to_stdvec(&state.signals).unwrap_or_default());
     out
 }
 
 pub fn decode_user(bytes: &[u8]) -> Result<Box<UserState>, ChangelogError> {
     match bytes.split_first() {
-        Some((&USER_FORMAT, rest)) => Ok(Box::new(postcard::from_bytes(rest)?)),
+        Some((&USER_FORMAT, rest)) => {
+            let (mut state, rest): (UserState, _) = postcard::take_from_bytes(rest)?;
+            state.signals = postcard::from_bytes::<Signals>(rest)?;
+            Ok(Box::new(state))
+        }
+        Some((&USER_FORMAT_STATE_ONLY, rest)) => Ok(Box::new(postcard::from_bytes(rest)?)),
         Some((b, _)) => Err(ChangelogError::Format(*b)),
         None => Err(ChangelogError::Format(0)),
     }
@@ -251,9 +259,24 @@ mod tests {
         s.anchor_ms = 1_700_000_000_123;
         s.predicted_value = 0.1 + 0.2;
         s.segment = Some(3);
+        s.signals = Signals {
+            purchase_probability: 0.25,
+            published_action: 7,
+        };
         assert_eq!(*decode_user(&encode_user(&s)).unwrap(), s);
         assert!(decode_user(&[9, 1, 2]).is_err());
         assert!(decode_user(&[]).is_err());
+    }
+
+    #[test]
+    fn a_state_written_before_signals_restores_without_them() {
+        let mut s = state(7);
+        s.segment = Some(3);
+        let mut v1 = vec![USER_FORMAT_STATE_ONLY];
+        v1.extend(postcard::to_stdvec(&s).unwrap());
+        let restored = decode_user(&v1).unwrap();
+        assert_eq!(restored.segment, Some(3));
+        assert_eq!(restored.signals, Signals::default());
     }
 
     #[test]

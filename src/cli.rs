@@ -427,10 +427,11 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             println!("segments:");
             for s in engine.segments() {
                 println!(
-                    "  {:>2}: {:>6} users  value {:>9.2}  {:<24} {}",
+                    "  {:>2}: {:>6} users  value {:>9.2}  p(buy) {:>5.1}%  {:<24} {}",
                     s.id,
                     s.size,
                     s.mean_predicted_value,
+                    100.0 * s.mean_purchase_probability,
                     s.action.as_deref().unwrap_or("-"),
                     s.label
                 );

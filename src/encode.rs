@@ -69,11 +69,12 @@ pub fn encode_change(change: &SegmentChange, format: WireFormat, schema_id: u32)
 }
 
 /// An upper bound of a change's framed Avro size: the header, the three strings with their
-/// lengths, and ten bytes (the longest varint) or eight (a double) for every other field.
+/// lengths, and ten bytes (the longest varint) or eight (a double) for every other field and
+/// union index.
 fn change_capacity(c: &SegmentChange) -> usize {
     let strings =
         c.user_id.len() + c.segment_label.len() + c.action.as_ref().map_or(0, String::len);
-    schema::CONFLUENT_HEADER_LEN + strings + 13 * 10
+    schema::CONFLUENT_HEADER_LEN + strings + 15 * 10
 }
 
 /// The Avro binary encoding (spec 1.11) of `c`, in the schema's field order.
@@ -101,6 +102,13 @@ fn write_change(out: &mut Vec<u8>, c: &SegmentChange) {
         Some(a) => {
             write_long(out, 1);
             write_str(out, a);
+        }
+    }
+    match c.purchase_probability {
+        None => write_long(out, 0),
+        Some(p) => {
+            write_long(out, 1);
+            out.extend_from_slice(&p.to_le_bytes());
         }
     }
 }
@@ -157,9 +165,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[test]
-    fn segment_change_round_trips_through_the_schema() {
-        let c = SegmentChange {
+    fn example() -> SegmentChange {
+        SegmentChange {
             user_id: "u".into(),
             previous_segment: None,
             new_segment: 3,
@@ -173,7 +180,13 @@ mod tests {
             emit_time: 2,
             model_version: 7,
             action: Some("vip".into()),
-        };
+            purchase_probability: Some(0.4),
+        }
+    }
+
+    #[test]
+    fn segment_change_round_trips_through_the_schema() {
+        let c = example();
         for f in [WireFormat::Avro, WireFormat::Json] {
             assert_eq!(decode_change(&encode_change(&c, f, 4), f).unwrap(), c);
         }
@@ -192,7 +205,68 @@ mod tests {
             "{}",
             schema::SEGMENT_CHANGE.fingerprint::<apache_avro::rabin::Rabin>()
         );
-        assert_eq!(fp, "6545f2b5463c9ac8");
+        assert_eq!(fp, "264482a01328ed49");
+    }
+
+    /// The output schema as first published (kept in `schemas/history`): subscribers built on
+    /// it must keep reading what this build writes.
+    static V1: LazyLock<Schema> = LazyLock::new(|| {
+        Schema::parse_str(include_str!("../schemas/history/segment_change.v1.avsc")).unwrap()
+    });
+
+    fn read_as(writer: &Schema, reader: &Schema, body: &[u8]) -> apache_avro::types::Value {
+        let r = apache_avro::reader::datum::GenericDatumReader::builder(writer)
+            .reader_schema(reader)
+            .build()
+            .unwrap();
+        let mut body = body;
+        let v = r.read_value(&mut body).unwrap();
+        assert!(body.is_empty(), "the whole record is read");
+        v
+    }
+
+    fn field<'v>(v: &'v apache_avro::types::Value, name: &str) -> &'v apache_avro::types::Value {
+        let apache_avro::types::Value::Record(fields) = v else {
+            panic!("a record: {v:?}")
+        };
+        &fields.iter().find(|(n, _)| n == name).unwrap().1
+    }
+
+    #[test]
+    fn a_reader_of_the_first_schema_reads_todays_records() {
+        use apache_avro::types::Value;
+        let c = example();
+        let framed = encode_change(&c, WireFormat::Avro, 1);
+        let old = read_as(&schema::SEGMENT_CHANGE, &V1, &framed[5..]);
+        assert_eq!(field(&old, "user_id"), &Value::String("u".into()));
+        assert_eq!(field(&old, "predicted_value"), &Value::Double(10.0));
+        let action = field(&old, "action");
+        assert_eq!(
+            action,
+            &Value::Union(1, Box::new(Value::String("vip".into())))
+        );
+        let Value::Record(fields) = &old else {
+            unreachable!()
+        };
+        assert!(fields.iter().all(|(n, _)| n != "purchase_probability"));
+    }
+
+    #[test]
+    fn records_of_the_first_schema_read_with_no_propensity() {
+        use apache_avro::types::Value;
+        let mut c = example();
+        c.purchase_probability = None;
+        // The first schema's encoding is today's without the last field (a null: one byte).
+        let framed = encode_change(&c, WireFormat::Avro, 1);
+        let v1 = &framed[5..framed.len() - 1];
+        assert_eq!(
+            read_as(&V1, &V1, v1),
+            read_as(&schema::SEGMENT_CHANGE, &V1, &framed[5..])
+        );
+        let new = read_as(&V1, &schema::SEGMENT_CHANGE, v1);
+        let absent = Value::Union(0, Box::new(Value::Null));
+        assert_eq!(field(&new, "purchase_probability"), &absent);
+        assert_eq!(field(&new, "new_segment"), &Value::Int(3));
     }
 
     fn reason() -> impl Strategy<Value = ChangeReason> {
@@ -212,8 +286,9 @@ mod tests {
             (any::<f64>(), any::<f64>(), any::<f64>()),
             (any::<i64>(), any::<i64>(), any::<i64>(), any::<i64>()),
         );
-        (strings, numbers, reason()).prop_map(
-            |((user_id, segment_label, action), (prev, new, floats, longs), reason)| {
+        let propensity = proptest::option::of(any::<f64>());
+        (strings, numbers, reason(), propensity).prop_map(
+            |((user_id, segment_label, action), (prev, new, floats, longs), reason, p)| {
                 SegmentChange {
                     user_id,
                     previous_segment: prev,
@@ -228,6 +303,7 @@ mod tests {
                     emit_time: longs.2,
                     model_version: longs.3,
                     action,
+                    purchase_probability: p,
                 }
             },
         )
@@ -261,6 +337,7 @@ mod tests {
             emit_time: 63,
             model_version: -64,
             action: Some(String::new()),
+            purchase_probability: Some(f64::MIN_POSITIVE),
         };
         for n in [
             0,

@@ -45,9 +45,19 @@ pub struct SegmentInfo {
     pub label: String,
     pub size: i64,
     pub mean_predicted_value: f64,
+    pub mean_purchase_probability: f64,
     pub action: Option<String>,
     /// Centroid in named features, as unweighted z-scores.
     pub centroid: Vec<(String, f64)>,
+}
+
+/// A segment's size and its members' mean predictions.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SegmentFigures {
+    pub id: u32,
+    pub size: i64,
+    pub mean_predicted_value: f64,
+    pub mean_purchase_probability: f64,
 }
 
 /// One user's final state, as replay and the Kafka path dump it.
@@ -153,7 +163,8 @@ pub struct Engine {
     models: Models,
     rules: Rules,
     segment_sizes: Vec<i64>,
-    segment_value: Vec<f64>,
+    /// Per segment, the sum of its members' predictions.
+    segment_outlook: Vec<Outlook>,
     counters: Counters,
     watermark_ms: i64,
     next_sweep_ms: i64,
@@ -175,6 +186,36 @@ struct Wording {
     key: Option<(u64, u64)>,
     labels: Vec<Option<String>>,
     actions: Vec<Option<Vec<SegmentAction>>>,
+}
+
+/// A user's predictions (or their sum over a segment's members).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Outlook {
+    value: f64,
+    purchase_probability: f64,
+}
+
+impl Outlook {
+    fn of(state: &UserState) -> Self {
+        Self {
+            value: state.predicted_value,
+            purchase_probability: f64::from(state.signals.purchase_probability),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Outlook {
+    fn add_assign(&mut self, o: Self) {
+        self.value += o.value;
+        self.purchase_probability += o.purchase_probability;
+    }
+}
+
+impl std::ops::SubAssign for Outlook {
+    fn sub_assign(&mut self, o: Self) {
+        self.value -= o.value;
+        self.purchase_probability -= o.purchase_probability;
+    }
 }
 
 /// An action rule a segment's centroid meets: the rule's minimum user value and its tag.
@@ -205,7 +246,7 @@ fn ms(d: std::time::Duration) -> i64 {
 /// What a sweep did with one user.
 enum Visit {
     Expired,
-    Decided(Decision, f64, i64),
+    Decided(Decision, Outlook, i64),
     Kept,
 }
 
@@ -286,7 +327,7 @@ impl Engine {
                 version_clock: i64::MIN,
             },
             segment_sizes: vec![0; m.k],
-            segment_value: vec![0.0; m.k],
+            segment_outlook: vec![Outlook::default(); m.k],
             counters: Counters::default(),
             watermark_ms: i64::MIN,
             next_sweep_ms: i64::MIN,
@@ -430,14 +471,14 @@ impl Engine {
     fn count_in(&mut self, state: &UserState) {
         if let Some(s) = state.segment {
             self.segment_sizes[s as usize] += 1;
-            self.segment_value[s as usize] += state.predicted_value;
+            self.segment_outlook[s as usize] += Outlook::of(state);
         }
     }
 
     fn count_out(&mut self, state: &UserState) {
         if let Some(s) = state.segment {
             self.segment_sizes[s as usize] -= 1;
-            self.segment_value[s as usize] -= state.predicted_value;
+            self.segment_outlook[s as usize] -= Outlook::of(state);
         }
     }
 }
@@ -541,7 +582,7 @@ impl Engine {
             } else {
                 Outcome::Applied
             };
-            Ok((outcome, old, state.predicted_value, decision, state.version))
+            Ok((outcome, old, Outlook::of(state), decision, state.version))
         });
         let mut changes = Vec::new();
         let outcome = match step {
@@ -581,12 +622,12 @@ impl Engine {
     }
 
     /// Keeps segment sizes and value sums in step with one user's update.
-    fn account(&mut self, old: (Option<u32>, f64), predicted: f64, d: Option<&Decision>) {
+    fn account(&mut self, old: (Option<u32>, Outlook), now: Outlook, d: Option<&Decision>) {
         if account(
             &mut self.segment_sizes,
-            &mut self.segment_value,
+            &mut self.segment_outlook,
             old,
-            predicted,
+            now,
             d,
         ) {
             self.counters.flaps += 1;
@@ -597,7 +638,7 @@ impl Engine {
         &self,
         user: &str,
         d: &Decision,
-        predicted: f64,
+        now: Outlook,
         version: i64,
         event_time: i64,
         now_ms: i64,
@@ -615,7 +656,7 @@ impl Engine {
             segment_label: self.describe(d.new as usize),
             distance: n.best_dist,
             confidence,
-            predicted_value: predicted,
+            predicted_value: now.value,
             version,
             reason: if d.prev.is_some() {
                 ChangeReason::Moved
@@ -625,7 +666,8 @@ impl Engine {
             event_time,
             emit_time: now_ms,
             model_version: self.models.kmeans.version() as i64,
-            action: self.action(d.new as usize, Some(predicted)),
+            action: self.action(d.new as usize, Some(now.value)),
+            purchase_probability: Some(now.purchase_probability),
         }
     }
 
@@ -685,7 +727,7 @@ impl Engine {
         self.counters.sweeps += 1;
         let trainer = self.trainer;
         let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
-        let (sizes, values) = (&mut self.segment_sizes, &mut self.segment_value);
+        let (sizes, sums) = (&mut self.segment_sizes, &mut self.segment_outlook);
         let mut decided = Vec::new();
         let mut expired = Vec::new();
         let (mut matured, mut flaps) = (0, 0);
@@ -705,12 +747,11 @@ impl Engine {
                 // moment of their last event, and every segment reads "lapsed"; and centroids
                 // would describe only the recently active users' vectors.
                 let (old, d) = models.update_user(state, (&x, params), at, rules, trainer);
-                if account(sizes, values, old, state.predicted_value, d.as_ref()) {
+                let now = Outlook::of(state);
+                if account(sizes, sums, old, now, d.as_ref()) {
                     flaps += 1;
                 }
-                d.map_or(Visit::Kept, |d| {
-                    Visit::Decided(d, state.predicted_value, state.version)
-                })
+                d.map_or(Visit::Kept, |d| Visit::Decided(d, now, state.version))
             });
             match visit {
                 Visit::Expired => expired.push(user),
@@ -981,6 +1022,7 @@ impl Engine {
             emit_time: now_ms,
             model_version: self.models.kmeans.version() as i64,
             action: None,
+            purchase_probability: Some(0.0),
         })
     }
 
@@ -1069,6 +1111,24 @@ impl Engine {
             .collect()
     }
 
+    /// Each segment's size and its members' mean predictions (cheap: kept up to date per event).
+    pub fn segment_figures(&self) -> Vec<SegmentFigures> {
+        self.segment_sizes
+            .iter()
+            .zip(&self.segment_outlook)
+            .enumerate()
+            .map(|(j, (&size, sum))| {
+                let mean = |x: f64| if size > 0 { x / size as f64 } else { 0.0 };
+                SegmentFigures {
+                    id: j as u32,
+                    size,
+                    mean_predicted_value: mean(sum.value),
+                    mean_purchase_probability: mean(sum.purchase_probability),
+                }
+            })
+            .collect()
+    }
+
     /// The k-means inertia of the assigned users (sum of squared distances to the centroid of
     /// their segment), and their count. Visits every user: for reports, not the hot path.
     pub fn inertia(&self) -> (f64, usize) {
@@ -1091,18 +1151,16 @@ impl Engine {
 
     /// The catalogue: every segment with its description, size, value and action.
     pub fn segments(&self) -> Vec<SegmentInfo> {
-        (0..self.models.kmeans.k())
-            .map(|j| {
-                let size = self.segment_sizes[j];
+        self.segment_figures()
+            .into_iter()
+            .map(|f| {
+                let j = f.id as usize;
                 SegmentInfo {
-                    id: j as u32,
+                    id: f.id,
                     label: self.describe(j),
-                    size,
-                    mean_predicted_value: if size > 0 {
-                        self.segment_value[j] / size as f64
-                    } else {
-                        0.0
-                    },
+                    size: f.size,
+                    mean_predicted_value: f.mean_predicted_value,
+                    mean_purchase_probability: f.mean_purchase_probability,
                     action: self.action(j, None),
                     centroid: self.models.kmeans.centroids().map_or_else(Vec::new, |c| {
                         (0..DIM)
@@ -1168,20 +1226,23 @@ impl Engine {
 /// Segment sizes and value sums after one user's update; returns whether the move was a flap.
 fn account(
     sizes: &mut [i64],
-    values: &mut [f64],
-    (old_seg, old_pred): (Option<u32>, f64),
-    predicted: f64,
+    sums: &mut [Outlook],
+    (old_seg, old): (Option<u32>, Outlook),
+    now: Outlook,
     d: Option<&Decision>,
 ) -> bool {
     match (old_seg, d) {
-        (Some(s), None) => values[s as usize] += predicted - old_pred,
+        (Some(s), None) => {
+            sums[s as usize] += now;
+            sums[s as usize] -= old;
+        }
         (_, Some(d)) => {
             if let Some(p) = d.prev {
                 sizes[p as usize] -= 1;
-                values[p as usize] -= old_pred;
+                sums[p as usize] -= old;
             }
             sizes[d.new as usize] += 1;
-            values[d.new as usize] += predicted;
+            sums[d.new as usize] += now;
             return d.flap;
         }
         (None, None) => {}
@@ -1230,18 +1291,23 @@ impl Models {
         t: i64,
         rules: &Rules,
         learn: bool,
-    ) -> ((Option<u32>, f64), Option<Decision>) {
+    ) -> ((Option<u32>, Outlook), Option<Decision>) {
         if learn {
             self.scaler.observe(x);
         }
         let z = self.scaler.transform(x);
-        let old = (state.segment, state.predicted_value);
+        let old = (state.segment, Outlook::of(state));
         let w = self.value.maturity();
-        state.predicted_value = if w < 1.0 {
+        let p = self.value.purchase_probability(&z);
+        (state.predicted_value, state.signals.purchase_probability) = if w < 1.0 {
             let cold = state.recent_spend_over(t, rules.horizon_ms, params);
-            w * self.predict(&z) + (1.0 - w) * cold
+            let cold_p = state.recent_purchase_probability(t, rules.horizon_ms, params);
+            (
+                w * self.predict(&z) + (1.0 - w) * cold,
+                (w * p + (1.0 - w) * cold_p) as f32,
+            )
         } else {
-            self.predict(&z)
+            (self.predict(&z), p as f32)
         };
         (old, self.decide(state, &z, t, rules, learn))
     }
@@ -1324,7 +1390,7 @@ mod tests {
     }
 
     #[test]
-    fn before_any_label_matures_the_value_is_the_users_own_spend_and_says_so() {
+    fn before_any_label_matures_value_and_propensity_are_the_users_own_rates_and_say_so() {
         let mut e = Engine::new(&RawConfig::default().validate().unwrap());
         let order = Event::Purchase(crate::event::PurchaseEvent {
             event_id: "o1".into(),
@@ -1349,6 +1415,11 @@ mod tests {
         // ln 2 · 30 days / the 30-day long half-life of the order.
         assert!((50.0..=60.0).contains(&value), "{value}");
         assert_eq!(e.user("browser").unwrap().predicted_value, 0.0);
+        // Propensity from the same rate: ln 2 expected orders in 30 days, 1 − e^(−ln 2) = ½.
+        let p = e.user("buyer").unwrap().signals.purchase_probability;
+        assert!((0.49..=0.51).contains(&p), "{p}");
+        let browser = e.user("browser").unwrap().signals.purchase_probability;
+        assert_eq!(browser, 0.0);
     }
 
     fn click(id: &str, user: &str, t: i64) -> Event {

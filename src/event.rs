@@ -235,4 +235,7 @@ pub struct SegmentChange {
     pub model_version: i64,
     #[serde(default)]
     pub action: Option<String>,
+    /// P(a purchase within the value horizon); `None` only in records written before it.
+    #[serde(default)]
+    pub purchase_probability: Option<f64>,
 }

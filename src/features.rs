@@ -261,6 +261,24 @@ pub struct UserState {
     /// event after one matures), so a box would cost a pointer, an allocation header and one
     /// more cache miss per event. The changelog encoding is the same either way.
     pub label: Option<LabelWindow>,
+    /// Propensity and the action last published: not part of the state's serde form, the
+    /// changelog writes them after it (format 2), so states written before them restore.
+    #[serde(skip)]
+    pub signals: Signals,
+}
+
+/// What a user's records say beyond the segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Signals {
+    /// Latest P(a purchase within the value horizon).
+    pub purchase_probability: f32,
+    /// [`action_tag_hash`] of the action of the user's latest published record (0: none).
+    pub published_action: u32,
+}
+
+/// A stable 32-bit name of an action tag (0 is reserved for no action).
+pub fn action_tag_hash(tag: Option<&str>) -> u32 {
+    tag.map_or(0, |t| (fnv1a(t.bytes()) as u32).max(1))
 }
 
 /// A delayed label in the making: features at `start_ms`, spend accumulated until the horizon.
@@ -781,6 +799,21 @@ impl UserState {
         let value = d.per_day(spend) * horizon_ms as f64 / DAY_MS;
         if value.is_finite() {
             value
+        } else {
+            0.0
+        }
+    }
+
+    /// The cold-start propensity: P(at least one order within `horizon_ms` of `t`) if the
+    /// user keeps ordering at their long-decayed order rate (read as [`Self::recent_spend_over`]
+    /// reads spend), orders arriving as a Poisson process: `1 − exp(−rate · horizon)`.
+    pub fn recent_purchase_probability(&self, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
+        let d = &p.decays[HALF_LIVES - 1];
+        let t = t.max(self.anchor_ms);
+        let orders = self.sums[ORDERS].max(0.0) * d.factor(t - self.anchor_ms);
+        let expected = d.per_day(orders) * horizon_ms as f64 / DAY_MS;
+        if expected.is_finite() {
+            1.0 - (-expected).exp()
         } else {
             0.0
         }

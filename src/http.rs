@@ -235,6 +235,8 @@ struct Profile {
     segment: Option<u32>,
     segment_label: Option<String>,
     predicted_value: f64,
+    /// P(a purchase within the value horizon).
+    purchase_probability: f64,
     /// `cold_start`, `blended` or `model`: see [`Catalogue::value_source`].
     value_source: String,
     version: i64,
@@ -259,6 +261,7 @@ async fn user(State(s): State<ApiState>, Path(id): Path<String>, headers: Header
         segment: state.segment,
         segment_label: label,
         predicted_value: state.predicted_value,
+        purchase_probability: f64::from(state.signals.purchase_probability),
         value_source,
         version: state.version,
         events: state.events,

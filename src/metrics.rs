@@ -3,10 +3,11 @@
 //! stay isolated). Labels are low-cardinality: input source, error code, reason, segment id.
 
 use crate::decode::DecodeError;
+use crate::engine::SegmentFigures;
 use crate::event::{ChangeReason, Source};
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -24,6 +25,8 @@ pub struct Metrics {
     changes: IntCounterVec,
     users: IntGauge,
     segment_size: IntGaugeVec,
+    segment_value: GaugeVec,
+    segment_propensity: GaugeVec,
     model_version: IntGauge,
     value_mae: Gauge,
     processing: Histogram,
@@ -87,6 +90,13 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     r.register(Box::new(c.clone()))
         .expect("metric registered once");
     c
+}
+
+fn fgauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -179,6 +189,18 @@ impl Metrics {
                     .expect("metric registered once");
                 g
             },
+            segment_value: fgauge_vec(
+                &r,
+                "segstream_segment_mean_predicted_value",
+                "Mean predicted net spend over the value horizon of each segment's users, in currency.",
+                &["segment"],
+            ),
+            segment_propensity: fgauge_vec(
+                &r,
+                "segstream_segment_mean_purchase_probability",
+                "Mean probability of a purchase within the value horizon of each segment's users.",
+                &["segment"],
+            ),
             model_version: gauge(
                 &r,
                 "segstream_model_version",
@@ -552,15 +574,20 @@ impl Metrics {
         users: usize,
         model_version: u64,
         mae: f64,
-        sizes: impl Iterator<Item = (u32, i64)>,
+        segments: &[SegmentFigures],
     ) {
         self.users.set(users as i64);
         self.model_version.set(model_version as i64);
         self.value_mae.set(mae);
-        for (id, size) in sizes {
-            self.segment_size
-                .with_label_values(&[&id.to_string()])
-                .set(size);
+        for s in segments {
+            let id = [s.id.to_string()];
+            self.segment_size.with_label_values(&id).set(s.size);
+            self.segment_value
+                .with_label_values(&id)
+                .set(s.mean_predicted_value);
+            self.segment_propensity
+                .with_label_values(&id)
+                .set(s.mean_purchase_probability);
         }
     }
 

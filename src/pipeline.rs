@@ -1142,7 +1142,7 @@ fn refresh_gauges(metrics: &Metrics, engine: &Engine) {
         engine.users(),
         engine.model_version(),
         mae,
-        engine.segment_sizes().into_iter(),
+        &engine.segment_figures(),
     );
     metrics.set_quality(
         &c,

@@ -3,6 +3,7 @@
 //! Prometheus alerts only use exported metrics (`promtool test rules` runs them in .ci/run), and
 //! the image's and the Deployment's command lines start the service with this build's binary.
 
+use segstream::engine::SegmentFigures;
 use segstream::metrics::Metrics;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,7 +13,17 @@ fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
     // Families with labels appear once they have a series: give each one, as traffic would.
     let m = Metrics::new();
     m.set_lag("clickstream", 0, 1);
-    m.set_model_state(1, 1, 0.0, [(0, 1)].into_iter());
+    m.set_model_state(
+        1,
+        1,
+        0.0,
+        &[SegmentFigures {
+            id: 0,
+            size: 1,
+            mean_predicted_value: 1.0,
+            mean_purchase_probability: 0.5,
+        }],
+    );
     let text = m.render();
     let mut families = BTreeSet::new();
     let mut names = BTreeSet::new();

@@ -152,6 +152,8 @@ async fn the_api_serves_profiles_and_segments_and_erases_users() {
     assert!(profile["features"]["monetary"].is_number());
     // A fresh service's values come from each user's own spend until labels mature, and say so.
     assert!(profile["predicted_value"].as_f64().unwrap() >= 0.0);
+    let p = profile["purchase_probability"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "{p}");
     assert!(
         ["cold_start", "blended", "model"].contains(&profile["value_source"].as_str().unwrap()),
         "{profile}"
@@ -193,6 +195,9 @@ async fn the_api_serves_profiles_and_segments_and_erases_users() {
     assert_eq!(erased.len(), 1);
     assert_eq!(erased[0].user_id, user);
     assert!(metrics.render().contains("segstream_erasures_total 1"));
+    assert!(metrics
+        .render()
+        .contains("segstream_segment_mean_purchase_probability{segment="));
     assert!(metrics
         .render()
         .contains("segstream_event_to_emit_seconds_count"));
