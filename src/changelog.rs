@@ -21,7 +21,7 @@
 //! "zombie") cannot mix its state into the new owner's.
 
 use crate::event::{Source, UserId};
-use crate::features::{Signals, UserState, LAYOUT_VERSION};
+use crate::features::{Signals, UserState, LAYOUT_VERSION, UNKNOWN_ACTION};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -37,7 +37,8 @@ pub const EPOCH_HEADER: &str = "segstream.epoch";
 pub const MARKER_KEY: &[u8] = b"segstream.marker";
 
 /// First byte of an encoded user state; bumped when the encoding changes. Format 1 is the
-/// state alone; format 2 appends its [`Signals`] (format 1 restores with none).
+/// state alone; format 2 appends its [`Signals`] (format 1 restores with none, its published
+/// action unknown).
 const USER_FORMAT: u8 = 2;
 const USER_FORMAT_STATE_ONLY: u8 = 1;
 
@@ -103,7 +104,11 @@ pub fn decode_user(bytes: &[u8]) -> Result<Box<UserState>, ChangelogError> {
             state.signals = postcard::from_bytes::<Signals>(rest)?;
             Ok(Box::new(state))
         }
-        Some((&USER_FORMAT_STATE_ONLY, rest)) => Ok(Box::new(postcard::from_bytes(rest)?)),
+        Some((&USER_FORMAT_STATE_ONLY, rest)) => {
+            let mut state: UserState = postcard::from_bytes(rest)?;
+            state.signals.published_action = UNKNOWN_ACTION;
+            Ok(Box::new(state))
+        }
         Some((b, _)) => Err(ChangelogError::Format(*b)),
         None => Err(ChangelogError::Format(0)),
     }
@@ -276,7 +281,8 @@ mod tests {
         v1.extend(postcard::to_stdvec(&s).unwrap());
         let restored = decode_user(&v1).unwrap();
         assert_eq!(restored.segment, Some(3));
-        assert_eq!(restored.signals, Signals::default());
+        assert_eq!(restored.signals.purchase_probability, 0.0);
+        assert_eq!(restored.signals.published_action, UNKNOWN_ACTION);
     }
 
     #[test]

@@ -209,6 +209,9 @@ pub struct OutputConfig {
     pub format: WireFormat,
     /// Schema id written in the Confluent header of Avro segment changes.
     pub schema_id: u32,
+    /// Publish a record (reason `updated`) when a user's action changes without a move. Off
+    /// keeps subscribers on a schema without the `updated` symbol reading while they upgrade.
+    pub updates: bool,
 }
 
 impl Default for OutputConfig {
@@ -216,6 +219,7 @@ impl Default for OutputConfig {
         Self {
             format: WireFormat::Avro,
             schema_id: 4,
+            updates: true,
         }
     }
 }

@@ -120,6 +120,7 @@ fn reason_index(r: ChangeReason) -> i64 {
         ChangeReason::Moved => 1,
         ChangeReason::Evicted => 2,
         ChangeReason::Erased => 3,
+        ChangeReason::Updated => 4,
     }
 }
 
@@ -205,13 +206,16 @@ mod tests {
             "{}",
             schema::SEGMENT_CHANGE.fingerprint::<apache_avro::rabin::Rabin>()
         );
-        assert_eq!(fp, "264482a01328ed49");
+        assert_eq!(fp, "1a6d21a0094f13fc");
     }
 
-    /// The output schema as first published (kept in `schemas/history`): subscribers built on
-    /// it must keep reading what this build writes.
+    /// The output schemas published before (kept in `schemas/history`): subscribers built on
+    /// them must keep reading what this build writes (`updated` records aside: see the schema).
     static V1: LazyLock<Schema> = LazyLock::new(|| {
         Schema::parse_str(include_str!("../schemas/history/segment_change.v1.avsc")).unwrap()
+    });
+    static V2: LazyLock<Schema> = LazyLock::new(|| {
+        Schema::parse_str(include_str!("../schemas/history/segment_change.v2.avsc")).unwrap()
     });
 
     fn read_as(writer: &Schema, reader: &Schema, body: &[u8]) -> apache_avro::types::Value {
@@ -233,9 +237,21 @@ mod tests {
     }
 
     #[test]
-    fn a_reader_of_the_first_schema_reads_todays_records() {
+    fn readers_of_earlier_schemas_read_todays_records() {
         use apache_avro::types::Value;
-        let c = example();
+        let mut c = example();
+        for reason in [ChangeReason::FirstAssignment, ChangeReason::Moved] {
+            c.reason = reason;
+            let framed = encode_change(&c, WireFormat::Avro, 1);
+            let v2 = read_as(&schema::SEGMENT_CHANGE, &V2, &framed[5..]);
+            let p = Value::Union(1, Box::new(Value::Double(0.4)));
+            assert_eq!(field(&v2, "purchase_probability"), &p);
+            let r = field(&v2, "reason");
+            assert_eq!(
+                r,
+                &Value::Enum(reason_index(reason) as u32, reason.as_str().into())
+            );
+        }
         let framed = encode_change(&c, WireFormat::Avro, 1);
         let old = read_as(&schema::SEGMENT_CHANGE, &V1, &framed[5..]);
         assert_eq!(field(&old, "user_id"), &Value::String("u".into()));
@@ -275,6 +291,7 @@ mod tests {
             Just(ChangeReason::Moved),
             Just(ChangeReason::Evicted),
             Just(ChangeReason::Erased),
+            Just(ChangeReason::Updated),
         ]
     }
 

@@ -8,8 +8,9 @@ use crate::config::{ActionRule, LatePolicy, Settings};
 use crate::decode::{Ahead, Decoder, Spare};
 use crate::event::{ChangeReason, Event, SegmentChange, Source, UserId};
 use crate::features::{
-    category_bucket, feature_index, feature_name, group_of, FeatureParams, Group, LabelWindow,
-    UserState, Vector, CATEGORY_BUCKETS, CATEGORY_START, DIM, LAYOUT_VERSION,
+    action_tag_hash, category_bucket, feature_index, feature_name, group_of, FeatureParams, Group,
+    LabelWindow, UserState, Vector, CATEGORY_BUCKETS, CATEGORY_START, DIM, LAYOUT_VERSION,
+    UNKNOWN_ACTION,
 };
 use crate::model::{KMeans, Nearest, Scaler, ValueModel};
 use crate::store::Store;
@@ -136,6 +137,8 @@ struct Rules {
     half_life_days: [f64; 3],
     ttl_ms: i64,
     max_users: usize,
+    /// Whether an action change without a move is published (`output.updates`).
+    publish_updates: bool,
     /// The version clock: processing time × [`VERSIONS_PER_MS`], set on each call that can
     /// decide ([`Engine::set_version_clock`]); a new version is at least this.
     version_clock: i64,
@@ -185,8 +188,11 @@ pub struct Engine {
 struct Wording {
     key: Option<(u64, u64)>,
     labels: Vec<Option<String>>,
-    actions: Vec<Option<Vec<SegmentAction>>>,
+    actions: Option<ActionTable>,
 }
+
+/// Per segment, the action rules its centroid meets, in priority order.
+type ActionTable = Arc<[Vec<SegmentAction>]>;
 
 /// A user's predictions (or their sum over a segment's members).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -276,6 +282,10 @@ struct Decision {
     new: u32,
     nearest: Nearest,
     flap: bool,
+    /// Same segment, new action: a record with reason `updated`.
+    updated: bool,
+    /// The user's action in the new segment (what the record says, and is remembered).
+    action: Option<String>,
 }
 
 impl Engine {
@@ -324,6 +334,7 @@ impl Engine {
                 half_life_days: f.half_lives.map(|d| d.as_secs_f64() / 86_400.0),
                 ttl_ms: ms(s.state.ttl),
                 max_users: s.state.max_users,
+                publish_updates: s.output.updates,
                 version_clock: i64::MIN,
             },
             segment_sizes: vec![0; m.k],
@@ -550,6 +561,7 @@ impl Engine {
         let trainer = self.trainer;
         let version_base = version_base(self.watermark_ms);
         let mut new_user = false;
+        let actions = self.action_table();
         let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
         let step = self.store.update_in(event.user_id(), shard, |state| {
             if state.events > 0 && state.is_duplicate(event.event_id()) {
@@ -576,7 +588,8 @@ impl Engine {
             state.events_in_segment = state.events_in_segment.saturating_add(1);
             let after = state.vector(params);
             models.open_label(state, t, &after);
-            let (old, decision) = models.update_user(state, (&after, params), t, rules, trainer);
+            let view = (&after, params, &*actions);
+            let (old, decision) = models.update_user(state, view, t, rules, trainer);
             let outcome = if late {
                 Outcome::Late { applied: true }
             } else {
@@ -658,7 +671,9 @@ impl Engine {
             confidence,
             predicted_value: now.value,
             version,
-            reason: if d.prev.is_some() {
+            reason: if d.updated {
+                ChangeReason::Updated
+            } else if d.prev.is_some() {
                 ChangeReason::Moved
             } else {
                 ChangeReason::FirstAssignment
@@ -666,7 +681,7 @@ impl Engine {
             event_time,
             emit_time: now_ms,
             model_version: self.models.kmeans.version() as i64,
-            action: self.action(d.new as usize, Some(now.value)),
+            action: d.action.clone(),
             purchase_probability: Some(now.purchase_probability),
         }
     }
@@ -726,6 +741,7 @@ impl Engine {
         self.next_sweep_ms = at.saturating_add(self.rules.sweep_ms);
         self.counters.sweeps += 1;
         let trainer = self.trainer;
+        let actions = self.action_table();
         let (params, rules, models) = (&self.params, &self.rules, &mut self.models);
         let (sizes, sums) = (&mut self.segment_sizes, &mut self.segment_outlook);
         let mut decided = Vec::new();
@@ -746,7 +762,8 @@ impl Engine {
                 // otherwise z-scores (and so descriptions) compare everyone's present with the
                 // moment of their last event, and every segment reads "lapsed"; and centroids
                 // would describe only the recently active users' vectors.
-                let (old, d) = models.update_user(state, (&x, params), at, rules, trainer);
+                let (old, d) =
+                    models.update_user(state, (&x, params, &actions), at, rules, trainer);
                 let now = Outlook::of(state);
                 if account(sizes, sums, old, now, d.as_ref()) {
                     flaps += 1;
@@ -810,7 +827,7 @@ impl Engine {
             *cache = Wording {
                 key: Some(key),
                 labels: vec![None; k],
-                actions: vec![None; k],
+                actions: None,
             };
         }
         cache
@@ -938,14 +955,26 @@ impl Engine {
             .map(|(n, _)| n.clone())
     }
 
-    /// The first action rule that segment `j` (and the user's value, if given) satisfies.
-    fn action(&self, j: usize, user_value: Option<f64>) -> Option<String> {
-        let mut cache = self.wording();
-        let rules = cache.actions[j].get_or_insert_with(|| self.segment_actions(j));
-        rules
+    /// The action of segment `j` regardless of users' values: its first rule without a minimum.
+    fn action(&self, j: usize) -> Option<String> {
+        self.action_table()
+            .get(j)?
             .iter()
-            .find(|(min, _)| min.is_none_or(|m| user_value.is_some_and(|v| v >= m)))
+            .find(|(min, _)| min.is_none())
             .map(|(_, tag)| tag.clone())
+    }
+
+    /// Every segment's action rules, as of the cached wording.
+    fn action_table(&self) -> ActionTable {
+        let mut cache = self.wording();
+        cache
+            .actions
+            .get_or_insert_with(|| {
+                (0..self.models.kmeans.k())
+                    .map(|j| self.segment_actions(j))
+                    .collect()
+            })
+            .clone()
     }
 
     /// The action rules whose centroid conditions segment `j` meets, in order, with their
@@ -1161,7 +1190,7 @@ impl Engine {
                     size: f.size,
                     mean_predicted_value: f.mean_predicted_value,
                     mean_purchase_probability: f.mean_purchase_probability,
-                    action: self.action(j, None),
+                    action: self.action(j),
                     centroid: self.models.kmeans.centroids().map_or_else(Vec::new, |c| {
                         (0..DIM)
                             .map(|i| {
@@ -1250,6 +1279,37 @@ fn account(
     false
 }
 
+/// Minimum dwell: enough of the user's events, or enough event time, since the user's last
+/// record (entering the segment, or an `updated` record in it).
+fn dwelt(state: &UserState, t: i64, rules: &Rules) -> bool {
+    state.events_in_segment >= rules.min_dwell_events
+        || t.saturating_sub(state.segment_since_ms) >= rules.min_dwell_ms
+}
+
+/// The action of a user in segment `j`: the first of its rules (`actions[j]`, in priority
+/// order) whose minimum value the user's predicted value reaches, with hysteresis: the action
+/// last published still applies while the value stays within `hysteresis` (a fraction) below
+/// its rule's minimum, so a value hovering at a tier's edge does not chatter.
+fn user_action<'a>(
+    actions: &'a [Vec<SegmentAction>],
+    j: u32,
+    state: &UserState,
+    hysteresis: f64,
+) -> Option<&'a str> {
+    let (value, published) = (state.predicted_value, state.signals.published_action);
+    actions
+        .get(j as usize)?
+        .iter()
+        .find(|(min, tag)| {
+            min.is_none_or(|m| {
+                value >= m
+                    || (value >= m - hysteresis * m.abs()
+                        && action_tag_hash(Some(tag)) == published)
+            })
+        })
+        .map(|(_, tag)| tag.as_str())
+}
+
 impl Models {
     /// Expected net spend over the horizon, in currency.
     fn predict(&self, z: &Vector) -> f64 {
@@ -1287,7 +1347,7 @@ impl Models {
     fn update_user(
         &mut self,
         state: &mut UserState,
-        (x, params): (&Vector, &FeatureParams),
+        (x, params, actions): (&Vector, &FeatureParams, &[Vec<SegmentAction>]),
         t: i64,
         rules: &Rules,
         learn: bool,
@@ -1309,7 +1369,63 @@ impl Models {
         } else {
             (self.predict(&z), p as f32)
         };
-        (old, self.decide(state, &z, t, rules, learn))
+        let decision = match self.decide(state, &z, t, rules, learn) {
+            Some(mut d) => {
+                d.action = user_action(actions, d.new, state, rules.hysteresis).map(Into::into);
+                state.signals.published_action = action_tag_hash(d.action.as_deref());
+                Some(d)
+            }
+            None if rules.publish_updates => self.retag(state, &z, t, rules, actions),
+            None => None,
+        };
+        (old, decision)
+    }
+
+    /// A record for a user whose action changed without a move (reason `updated`): when the
+    /// action the user's segment and value give differs from the one last published, after the
+    /// minimum dwell since the user's last record (so at most one per dwell).
+    fn retag(
+        &self,
+        state: &mut UserState,
+        z: &Vector,
+        t: i64,
+        rules: &Rules,
+        actions: &[Vec<SegmentAction>],
+    ) -> Option<Decision> {
+        let cur = state.segment?;
+        let tag = user_action(actions, cur, state, rules.hysteresis);
+        let hash = action_tag_hash(tag);
+        if state.signals.published_action == UNKNOWN_ACTION {
+            // A state restored from before actions were remembered adopts its action silently.
+            state.signals.published_action = hash;
+            return None;
+        }
+        if hash == state.signals.published_action || !dwelt(state, t, rules) {
+            return None;
+        }
+        let nearest = self.kmeans.nearest(z)?;
+        let best_dist = self.kmeans.distance_to(cur as usize, z);
+        let second_dist = if nearest.best == cur as usize {
+            nearest.second_dist
+        } else {
+            nearest.best_dist
+        };
+        state.signals.published_action = hash;
+        state.segment_since_ms = t;
+        state.events_in_segment = 0;
+        state.version = (state.version + 1).max(rules.version_clock);
+        Some(Decision {
+            prev: Some(cur),
+            new: cur,
+            nearest: Nearest {
+                best: cur as usize,
+                best_dist,
+                second_dist,
+            },
+            flap: false,
+            updated: true,
+            action: tag.map(Into::into),
+        })
     }
 
     /// Learns from `z` (on events) and decides the user's segment, with hysteresis, minimum
@@ -1331,11 +1447,8 @@ impl Models {
         let best = nearest.best as u32;
         let prev = state.segment;
         if let Some(cur) = prev {
-            // Minimum dwell: enough of the user's events, or enough event time, in the segment.
-            let dwelt = state.events_in_segment >= rules.min_dwell_events
-                || t.saturating_sub(state.segment_since_ms) >= rules.min_dwell_ms;
             if cur == best
-                || !dwelt
+                || !dwelt(state, t, rules)
                 || nearest.best_dist
                     >= self.kmeans.distance_to(cur as usize, z) * (1.0 - rules.hysteresis)
             {
@@ -1355,6 +1468,8 @@ impl Models {
             new: best,
             nearest,
             flap,
+            updated: false,
+            action: None,
         })
     }
 }
@@ -1420,6 +1535,128 @@ mod tests {
         assert!((0.49..=0.51).contains(&p), "{p}");
         let browser = e.user("browser").unwrap().signals.purchase_probability;
         assert_eq!(browser, 0.0);
+    }
+
+    fn order(id: &str, user: &str, t: i64, total: f64, status: crate::event::OrderStatus) -> Event {
+        Event::Purchase(crate::event::PurchaseEvent {
+            event_id: id.into(),
+            user_id: user.into(),
+            event_time: t,
+            order_id: "o".into(),
+            status,
+            items: vec![crate::event::LineItem {
+                product_id: "p".into(),
+                category: "home".into(),
+                quantity: 1,
+                unit_price: total,
+                description: None,
+            }],
+            total,
+            currency: "GBP".into(),
+        })
+    }
+
+    #[test]
+    fn a_value_tier_is_entered_at_its_minimum_and_left_below_it_by_the_hysteresis() {
+        let rules: Vec<SegmentAction> = vec![(Some(100.0), "vip".into()), (None, "nurture".into())];
+        let table = [rules];
+        let mut s = UserState::default();
+        let at = |s: &UserState| user_action(&table, 0, s, 0.1);
+        s.predicted_value = 99.0;
+        assert_eq!(at(&s), Some("nurture"));
+        s.predicted_value = 100.0;
+        assert_eq!(at(&s), Some("vip"));
+        s.signals.published_action = action_tag_hash(Some("vip"));
+        s.predicted_value = 91.0;
+        assert_eq!(at(&s), Some("vip"), "kept within 10 % below the minimum");
+        s.predicted_value = 89.0;
+        assert_eq!(at(&s), Some("nurture"));
+        assert_eq!(user_action(&table, 5, &s, 0.1), None, "no such segment");
+    }
+
+    /// A new user of a trained engine (cold-start values: the user's own spend rate) orders,
+    /// browses, is refunded, browses; with one action rule, `vip` from a value of 10. Returns
+    /// the engine and the user's records.
+    fn vip_for_a_while(updates: bool) -> (Engine, Vec<SegmentChange>) {
+        use crate::event::OrderStatus::{Placed, Refunded};
+        let mut raw = RawConfig::default();
+        let rule = |tag: &str, min| crate::config::ActionRule {
+            tag: tag.into(),
+            feature: None,
+            min_z: None,
+            max_z: None,
+            min_user_value: min,
+        };
+        raw.model.actions = vec![rule("vip", Some(10.0))];
+        // Moves need the user 10× nearer another segment: this user stays where they are.
+        raw.model.hysteresis = 0.9;
+        raw.model.min_dwell_events = 3;
+        raw.model.min_dwell = std::time::Duration::from_secs(30 * 86_400);
+        raw.output.updates = updates;
+        let (mut e, _) = trained(raw, 20_000);
+        assert_eq!(
+            e.value_source(),
+            "cold_start",
+            "values are the user's own spend rate"
+        );
+        let mut t = T0 + 20_000 * 1_000;
+        let mut records = Vec::new();
+        let mut send = |e: &mut Engine, event: &dyn Fn(i64) -> Event| {
+            t += 1_000;
+            let applied = e.apply(&event(t), t);
+            records.extend(
+                applied
+                    .changes
+                    .into_iter()
+                    .filter(|c| c.user_id == "newbie"),
+            );
+        };
+        send(&mut e, &|t| click("n1", "newbie", t));
+        send(&mut e, &|t| order("n2", "newbie", t, 100.0, Placed));
+        for i in 0..10 {
+            send(&mut e, &|t| click(&format!("n3-{i}"), "newbie", t));
+        }
+        send(&mut e, &|t| order("n4", "newbie", t, 100.0, Refunded));
+        for i in 0..10 {
+            send(&mut e, &|t| click(&format!("n5-{i}"), "newbie", t));
+        }
+        (e, records)
+    }
+
+    #[test]
+    fn an_action_change_without_a_move_publishes_one_updated_record_per_dwell() {
+        let (e, records) = vip_for_a_while(true);
+        let reasons: Vec<_> = records
+            .iter()
+            .map(|c| (c.reason, c.action.as_deref()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (ChangeReason::FirstAssignment, None),
+                (ChangeReason::Updated, Some("vip")),
+                (ChangeReason::Updated, None),
+            ],
+            "{records:#?}"
+        );
+        let (first, vip, lapsed) = (&records[0], &records[1], &records[2]);
+        assert_eq!(vip.previous_segment, Some(first.new_segment));
+        assert_eq!(vip.new_segment, first.new_segment);
+        assert!(first.version < vip.version && vip.version < lapsed.version);
+        // Published at the third event after the first record (the dwell), not at the order.
+        assert_eq!(vip.event_time - first.event_time, 3_000);
+        assert!(vip.predicted_value >= 10.0 && lapsed.predicted_value < 9.0);
+        assert_eq!(
+            e.user("newbie").unwrap().segment,
+            Some(first.new_segment as u32)
+        );
+    }
+
+    #[test]
+    fn with_updates_off_only_moves_are_published() {
+        let (_, records) = vip_for_a_while(false);
+        let reasons: Vec<_> = records.iter().map(|c| c.reason).collect();
+        assert_eq!(reasons, [ChangeReason::FirstAssignment]);
     }
 
     fn click(id: &str, user: &str, t: i64) -> Event {
@@ -1651,8 +1888,9 @@ mod tests {
                 e.models.kmeans.nearest(z).map(|n| n.best)
             );
         }
+        // As of the saved model (the cached wording may lag it by a few mini-batches).
         for j in 0..e.models.kmeans.k() {
-            assert_eq!(loaded.describe(j), e.describe(j));
+            assert_eq!(loaded.describe(j), e.describe_now(j));
         }
         let _ = g;
 

@@ -205,6 +205,7 @@ pub enum ChangeReason {
     Moved,
     Evicted,
     Erased,
+    Updated,
 }
 
 impl ChangeReason {
@@ -214,6 +215,7 @@ impl ChangeReason {
             ChangeReason::Moved => "moved",
             ChangeReason::Evicted => "evicted",
             ChangeReason::Erased => "erased",
+            ChangeReason::Updated => "updated",
         }
     }
 }

@@ -276,10 +276,15 @@ pub struct Signals {
     pub published_action: u32,
 }
 
-/// A stable 32-bit name of an action tag (0 is reserved for no action).
+/// A stable 32-bit name of an action tag: 0 for no action; never [`UNKNOWN_ACTION`].
 pub fn action_tag_hash(tag: Option<&str>) -> u32 {
-    tag.map_or(0, |t| (fnv1a(t.bytes()) as u32).max(1))
+    tag.map_or(0, |t| {
+        (fnv1a(t.bytes()) as u32).clamp(1, UNKNOWN_ACTION - 1)
+    })
 }
+
+/// `Signals::published_action` of a state restored from before it was kept: not known.
+pub const UNKNOWN_ACTION: u32 = u32::MAX;
 
 /// A delayed label in the making: features at `start_ms`, spend accumulated until the horizon.
 ///
