@@ -337,11 +337,28 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 // A model holds no users: sizes are each centroid's share of what it learnt from.
                 let shares = engine.segment_shares();
                 let (_, _, labels) = engine.value_errors();
-                let (calibration, _) = engine.value_calibration();
+                let (calibration, log_loss) = engine.value_calibration();
+                let v = engine.value_validation();
                 println!(
-                    "model version {}, value model: {labels} labels, calibration {calibration:.2}",
-                    engine.model_version()
+                    "model version {}, value model: {labels} labels, calibration {calibration:.2}, Pearson {:.3}, normalised Gini {:.3}; propensity AUC {:.3}, log loss {log_loss:.3}",
+                    engine.model_version(),
+                    v.value_pearson,
+                    v.value_normalised_gini,
+                    v.propensity_auc,
                 );
+                if !v.deciles.is_empty() {
+                    println!("value by tenth of labels (highest predicted first):");
+                    println!(
+                        "{:>8}  {:>14}  {:>11}",
+                        "labels", "mean predicted", "mean actual"
+                    );
+                    for d in &v.deciles {
+                        println!(
+                            "{:>8}  {:>14.2}  {:>11.2}",
+                            d.labels, d.mean_predicted, d.mean_actual
+                        );
+                    }
+                }
                 println!("{:>3}  {:>6}  {:<24} description", "id", "share", "action");
                 for s in segments {
                     println!(

@@ -1115,6 +1115,11 @@ impl Engine {
         (v.calibration(), v.log_loss())
     }
 
+    /// Progressive AUC of the propensity and Pearson, Gini and deciles of the value model.
+    pub fn value_validation(&self) -> crate::validation::Report {
+        self.models.value.validation()
+    }
+
     /// Where predicted values come from now: `cold_start` (each user's own recent spend rate
     /// over the horizon), `blended` (moving to the model as it learns) or `model`.
     pub fn value_source(&self) -> &'static str {

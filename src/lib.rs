@@ -26,3 +26,4 @@ pub mod schema;
 pub mod security;
 pub mod store;
 pub mod topics;
+pub mod validation;

@@ -5,6 +5,7 @@
 use crate::decode::DecodeError;
 use crate::engine::SegmentFigures;
 use crate::event::{ChangeReason, Source};
+use crate::validation::Report;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -42,6 +43,9 @@ pub struct Metrics {
     value_rmse: Gauge,
     value_calibration: Gauge,
     purchase_log_loss: Gauge,
+    purchase_auc: Gauge,
+    value_gini: Gauge,
+    value_pearson: Gauge,
     mean_distance: Gauge,
     erasures: IntCounter,
     lag: IntGaugeVec,
@@ -289,6 +293,21 @@ impl Metrics {
                 &r,
                 "segstream_value_calibration",
                 "Progressive sum of predicted over sum of actual spend on matured labels (1 is calibrated).",
+            ),
+            purchase_auc: fgauge(
+                &r,
+                "segstream_purchase_auc",
+                "Progressive AUC of the purchase propensity on matured labels (0.5 is chance).",
+            ),
+            value_gini: fgauge(
+                &r,
+                "segstream_value_normalised_gini",
+                "Progressive normalised Gini of the predicted value's ranking on matured labels (1 ranks as the outcome does).",
+            ),
+            value_pearson: fgauge(
+                &r,
+                "segstream_value_pearson",
+                "Progressive Pearson correlation of predicted value and matured spend.",
             ),
             purchase_log_loss: fgauge(
                 &r,
@@ -549,6 +568,13 @@ impl Metrics {
         self.value_calibration.set(calibration);
         self.purchase_log_loss.set(log_loss);
         self.mean_distance.set(mean_distance);
+    }
+
+    /// The value model's progressive ranking figures.
+    pub fn set_validation(&self, r: &Report) {
+        self.purchase_auc.set(r.propensity_auc);
+        self.value_gini.set(r.value_normalised_gini);
+        self.value_pearson.set(r.value_pearson);
     }
     pub fn duplicates_total(&self) -> u64 {
         Source::ALL

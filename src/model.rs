@@ -3,6 +3,7 @@
 //! deterministic: seeded RNG, no clock, no I/O.
 
 use crate::features::{Vector, DIM};
+use crate::validation::{Report, Validation};
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -621,6 +622,9 @@ pub struct ValueModel {
     abs_err_sum: f64,
     sq_err_sum: f64,
     log_loss_sum: f64,
+    /// AUC, Pearson, Gini and deciles of the same progressive scores.
+    #[serde(default)]
+    validation: Validation,
 }
 
 /// Labels, and labels with spend, after which the model alone gives the value.
@@ -652,6 +656,7 @@ impl ValueModel {
             abs_err_sum: 0.0,
             sq_err_sum: 0.0,
             log_loss_sum: 0.0,
+            validation: Validation::default(),
         }
     }
 
@@ -696,6 +701,7 @@ impl ValueModel {
         if self.labels > 0 {
             let p = self.purchase_probability(x).clamp(1e-6, 1.0 - 1e-6);
             self.log_loss_sum -= if bought { p.ln() } else { (1.0 - p).ln() };
+            self.validation.score(p, predicted, spend);
         }
         self.predicted_sum += predicted;
         self.actual_sum += spend;
@@ -748,6 +754,11 @@ impl ValueModel {
     pub fn errors(&self) -> (f64, f64) {
         let n = self.labels.max(1) as f64;
         (self.abs_err_sum / n, (self.sq_err_sum / n).sqrt())
+    }
+
+    /// Progressive AUC, Pearson, normalised Gini and deciles (labels after the first).
+    pub fn validation(&self) -> Report {
+        self.validation.report()
     }
 
     /// Progressive mean log loss of the purchase propensity (ln 2 ≈ 0.69 is a coin).

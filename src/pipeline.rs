@@ -1151,6 +1151,7 @@ fn refresh_gauges(metrics: &Metrics, engine: &Engine) {
         engine.value_calibration(),
         engine.mean_distance(),
     );
+    metrics.set_validation(&engine.value_validation());
 }
 
 /// At most one log line per [`LOG_INTERVAL`] for per-message problems, which says how many

@@ -62,6 +62,8 @@ pub struct ReplayReport {
     /// Progressive Σ predicted ÷ Σ actual value, and the purchase propensity's log loss.
     pub value_calibration: f64,
     pub purchase_log_loss: f64,
+    /// Progressive AUC of the propensity; Pearson, normalised Gini and deciles of the value.
+    pub validation: crate::validation::Report,
 }
 
 /// A line that could not be used, as written to the dead-letter file.
@@ -210,6 +212,7 @@ pub fn replay(
     report.value_rmse = rmse;
     report.value_labels = labels;
     (report.value_calibration, report.purchase_log_loss) = engine.value_calibration();
+    report.validation = engine.value_validation();
     if !engine.is_seeded() {
         tracing::warn!(
             events = events.len(),
