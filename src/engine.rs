@@ -309,7 +309,10 @@ impl Engine {
             models: Models {
                 layout_version: LAYOUT_VERSION,
                 feature_names: (0..DIM).map(|i| feature_name(i).to_owned()).collect(),
-                scaler: Scaler::weighted(m.clip_z, weights),
+                // The standardisation forgets at the centroids' rate: centroids live in z-space,
+                // so a scale that forgot more slowly would leave them at stale coordinates.
+                scaler: Scaler::weighted(m.clip_z, weights)
+                    .with_half_life(m.forgetting_half_life.as_millis() as f64),
                 kmeans: KMeans::with_forgetting(
                     m.k,
                     m.seed,
@@ -1358,7 +1361,7 @@ impl Models {
         learn: bool,
     ) -> ((Option<u32>, Outlook), Option<Decision>) {
         if learn {
-            self.scaler.observe(x);
+            self.scaler.observe(x, t);
         }
         let z = self.scaler.transform(x);
         let old = (state.segment, Outlook::of(state));

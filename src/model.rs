@@ -9,15 +9,29 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Running mean and variance per feature (Welford), used to standardise vectors; each
-/// standardised component is then multiplied by its group's weight.
+/// Running mean and variance per feature, used to standardise vectors; each standardised
+/// component is then multiplied by its group's weight. With a half-life, the moments are
+/// exponentially weighted in event time (West's weighted Welford: before each observation the
+/// weights so far decay by `2^(-Δt / half-life)`), so the scale follows the population as it is
+/// now: a year of sweeps otherwise leaves recency and tenure z-scores of everyone near +1.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scaler {
+    /// Total weight of the observations (their count without a half-life).
     n: f64,
     mean: Vec<f64>,
     m2: Vec<f64>,
     weights: Vec<f64>,
     clip_z: f64,
+    /// Half-life of the observations' weights in event time (ms); 0 keeps every observation
+    /// (and a model saved before it had one).
+    #[serde(default)]
+    half_life_ms: f64,
+    /// Latest event time observed (ms), the clock of the decay.
+    #[serde(default = "no_time")]
+    clock_ms: i64,
+    /// Observations, for the refresh schedule of the cached spread.
+    #[serde(default)]
+    observed: u64,
     /// 1 / standard deviation per feature (0 where there is no spread yet), refreshed on every
     /// observation for the first thousand and every 256th after: the spread then moves slowly,
     /// and 50 square roots per event are a tenth of the engine's time.
@@ -26,7 +40,11 @@ pub struct Scaler {
 }
 
 /// Observations after which the cached spread is refreshed only every [`SD_REFRESH`].
-const SD_WARMUP: f64 = 1024.0;
+const SD_WARMUP: u64 = 1024;
+
+fn no_time() -> i64 {
+    i64::MIN
+}
 const SD_REFRESH: u64 = 256;
 
 impl Scaler {
@@ -41,8 +59,17 @@ impl Scaler {
             m2: vec![0.0; DIM],
             weights: weights.to_vec(),
             clip_z,
+            half_life_ms: 0.0,
+            clock_ms: i64::MIN,
+            observed: 0,
             inv_sd: vec![0.0; DIM],
         }
+    }
+
+    /// Weights observations by a half-life of `ms` of event time (0: never forget).
+    pub fn with_half_life(mut self, ms: f64) -> Self {
+        self.half_life_ms = ms;
+        self
     }
 
     /// Recomputes the cached spread (also after loading a saved scaler).
@@ -50,7 +77,8 @@ impl Scaler {
         self.inv_sd.resize(DIM, 0.0);
         for i in 0..DIM {
             let sd = (self.m2[i] / self.n.max(1.0)).sqrt();
-            self.inv_sd[i] = if self.n >= 2.0 && sd > 1e-9 {
+            // One observation has no spread (m2 = 0); decay scales m2 and n alike.
+            self.inv_sd[i] = if self.n > 0.0 && sd > 1e-9 {
                 1.0 / sd
             } else {
                 0.0
@@ -61,7 +89,7 @@ impl Scaler {
     /// The unweighted z-score of `x[i]` (for explanations).
     pub fn z(&self, i: usize, x: f64) -> f64 {
         let sd = (self.m2[i] / self.n.max(1.0)).sqrt();
-        if self.n < 2.0 || sd <= 1e-9 {
+        if self.n <= 0.0 || sd <= 1e-9 {
             0.0
         } else {
             ((x - self.mean[i]) / sd).clamp(-self.clip_z, self.clip_z)
@@ -73,8 +101,18 @@ impl Scaler {
         self.weights[i]
     }
 
-    /// Welford: `mean += (x - mean) / n; m2 += (x - mean_old) * (x - mean_new)`.
-    pub fn observe(&mut self, x: &Vector) {
+    /// Welford: `mean += (x - mean) / n; m2 += (x - mean_old) * (x - mean_new)`, after the
+    /// weights so far decayed over the event time since the latest observation (`t_ms`; an
+    /// earlier time decays nothing).
+    pub fn observe(&mut self, x: &Vector, t_ms: i64) {
+        if self.half_life_ms > 0.0 && self.clock_ms != i64::MIN && t_ms > self.clock_ms {
+            let dt = (t_ms - self.clock_ms) as f64;
+            let f = (-dt * std::f64::consts::LN_2 / self.half_life_ms).exp();
+            self.n *= f;
+            self.m2.iter_mut().for_each(|m| *m *= f);
+        }
+        self.clock_ms = self.clock_ms.max(t_ms);
+        self.observed += 1;
         self.n += 1.0;
         // One division, not one per feature (a division costs as much as a dozen multiplies).
         let inv_n = 1.0 / self.n;
@@ -85,7 +123,7 @@ impl Scaler {
             *mean += d * inv_n;
             *m2 += d * (x - *mean);
         }
-        if self.n <= SD_WARMUP || (self.n as u64).is_multiple_of(SD_REFRESH) {
+        if self.observed <= SD_WARMUP || self.observed.is_multiple_of(SD_REFRESH) {
             self.refresh();
         }
     }
@@ -793,7 +831,7 @@ mod tests {
         for x in [1.0, 2.0, 3.0, 4.0] {
             let mut v = [0.0; DIM];
             v[0] = x;
-            s.observe(&v);
+            s.observe(&v, 0);
         }
         let mut v = [0.0; DIM];
         v[0] = 2.5;
@@ -804,13 +842,40 @@ mod tests {
     }
 
     #[test]
+    fn with_a_half_life_the_scale_follows_the_population_as_it_is_now() {
+        const DAY: i64 = 86_400_000;
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let mut forgetting = Scaler::new(5.0).with_half_life(7.0 * DAY as f64);
+        let mut keeping = Scaler::new(5.0);
+        // A year at mean 0, then ten weeks (ten half-lives) at mean 10 (sd 1 throughout), one
+        // observation an hour.
+        for h in 0..(435 * 24) {
+            let t = h * DAY / 24;
+            let mut v = [0.0; DIM];
+            v[0] = if h < 365 * 24 { 0.0 } else { 10.0 } + rng.random::<f64>() * 3.46 - 1.73;
+            forgetting.observe(&v, t);
+            keeping.observe(&v, t);
+        }
+        let mut v = [0.0; DIM];
+        v[0] = 10.0;
+        let now = forgetting.transform(&v)[0];
+        assert!(now.abs() < 0.1, "centred on the present: {now}");
+        assert!(keeping.transform(&v)[0] > 2.0, "centred on the year");
+        v[0] = 11.0;
+        let one_sd = forgetting.transform(&v)[0] - now;
+        assert!((0.9..1.1).contains(&one_sd), "the present spread: {one_sd}");
+        let stale = keeping.transform(&v)[0] - keeping.transform(&[10.0; DIM])[0];
+        assert!(stale < 0.5, "the year's spread: {stale}");
+    }
+
+    #[test]
     fn kmeans_finds_separated_blobs_and_keeps_ids() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let scaler = Scaler::new(100.0);
         let mut identity = scaler.clone();
         // A scaler that leaves the data nearly unchanged: mean 0, sd 1.
         for s in [-1.0, 1.0] {
-            identity.observe(&[s; DIM]);
+            identity.observe(&[s; DIM], 0);
         }
         let mut km = KMeans::new(3, 7, 30, 8);
         let centres = [0.0, 10.0, 20.0];
@@ -860,7 +925,7 @@ mod tests {
             let mut seen = Vec::new();
             for i in 0..200i64 {
                 let v = blob(&mut rng, (i % 4) as f64 * 3.0);
-                s.observe(&v);
+                s.observe(&v, 0);
                 km.offer_user(&format!("u{i}"));
                 seen.push(v);
                 if i == 60 {
