@@ -228,6 +228,7 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
         &t.purchases,
         &t.social,
         &t.segment_changes,
+        &t.segment_catalogue,
         &t.dead_letter,
         &t.changelog,
         &t.erasure,
@@ -482,6 +483,7 @@ pub fn settings_with(brokers: &str, prefix: &str, properties: &[(String, String)
     raw.kafka.topics.purchases = format!("{prefix}-purchases");
     raw.kafka.topics.social = format!("{prefix}-social");
     raw.kafka.topics.segment_changes = format!("{prefix}-segment-changes");
+    raw.kafka.topics.segment_catalogue = format!("{prefix}-segment-catalogue");
     raw.kafka.topics.dead_letter = format!("{prefix}-dead-letter");
     raw.kafka.topics.changelog = format!("{prefix}-changelog");
     raw.kafka.topics.model = format!("{prefix}-model");
@@ -501,6 +503,7 @@ pub async fn create_all_topics(settings: &Settings, partitions: i32) -> anyhow::
             &t.purchases,
             &t.social,
             &t.segment_changes,
+            &t.segment_catalogue,
             &t.dead_letter,
             &t.changelog,
             &t.erasure,

@@ -285,6 +285,9 @@ pub struct ReplayArgs {
     /// Where to write segment changes (NDJSON).
     #[arg(long)]
     pub changes_out: Option<PathBuf>,
+    /// Where to write segment catalogue records (NDJSON).
+    #[arg(long)]
+    pub catalogue_out: Option<PathBuf>,
     /// Where to write the final per-user state (NDJSON).
     #[arg(long)]
     pub users_out: Option<PathBuf>,
@@ -424,6 +427,7 @@ pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 },
                 &ReplayOutputs {
                     changes: a.changes_out,
+                    catalogue: a.catalogue_out,
                     users: a.users_out,
                     dead_letters: a.dead_letters_out,
                     model: a.save_model,

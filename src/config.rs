@@ -106,6 +106,9 @@ pub struct TopicsConfig {
     pub social: String,
     /// Output: segment changes (key = user id).
     pub segment_changes: String,
+    /// Output: the segment catalogue (key = segment id): a record when a segment is created or
+    /// split, reworded, or its centroid moves.
+    pub segment_catalogue: String,
     /// Output: messages that could not be used, with headers saying why.
     pub dead_letter: String,
     /// State: per-user checkpoints, one partition per input partition (see `state`).
@@ -123,6 +126,7 @@ impl Default for TopicsConfig {
             purchases: "purchases".into(),
             social: "social".into(),
             segment_changes: "segment-changes".into(),
+            segment_catalogue: "segment-catalogue".into(),
             dead_letter: "segstream-dead-letter".into(),
             changelog: "segstream-changelog".into(),
             model: "segstream-model".into(),
@@ -212,6 +216,8 @@ pub struct OutputConfig {
     /// Publish a record (reason `updated`) when a user's action changes without a move. Off
     /// keeps subscribers on a schema without the `updated` symbol reading while they upgrade.
     pub updates: bool,
+    /// Schema id written in the Confluent header of Avro catalogue records.
+    pub catalogue_schema_id: u32,
 }
 
 impl Default for OutputConfig {
@@ -220,6 +226,7 @@ impl Default for OutputConfig {
             format: WireFormat::Avro,
             schema_id: 4,
             updates: true,
+            catalogue_schema_id: 5,
         }
     }
 }
@@ -702,6 +709,7 @@ impl RawConfig {
             ("purchases", &k.topics.purchases),
             ("social", &k.topics.social),
             ("segment_changes", &k.topics.segment_changes),
+            ("segment_catalogue", &k.topics.segment_catalogue),
             ("dead_letter", &k.topics.dead_letter),
             ("changelog", &k.topics.changelog),
             ("model", &k.topics.model),

@@ -2,7 +2,7 @@
 //! events for the generator, tests and benchmarks. Pure; the inverse of `decode`.
 
 use crate::config::WireFormat;
-use crate::event::{ChangeReason, Event, SegmentChange};
+use crate::event::{CatalogueRecord, ChangeReason, Event, SegmentChange};
 use crate::schema;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
@@ -23,6 +23,8 @@ static SOCIAL: LazyLock<GenericDatumWriter<'static>> =
     LazyLock::new(|| writer(&schema::SOCIAL_EVENT));
 static CHANGE: LazyLock<GenericDatumWriter<'static>> =
     LazyLock::new(|| writer(&schema::SEGMENT_CHANGE));
+static CATALOGUE: LazyLock<GenericDatumWriter<'static>> =
+    LazyLock::new(|| writer(&schema::SEGMENT_CATALOGUE));
 
 fn encode<T: Serialize>(
     w: &GenericDatumWriter<'static>,
@@ -68,13 +70,41 @@ pub fn encode_change(change: &SegmentChange, format: WireFormat, schema_id: u32)
     }
 }
 
+/// Encodes a segment catalogue record for the catalogue topic (a few per sweep: apache-avro's
+/// serde writer is fast enough).
+pub fn encode_catalogue(r: &CatalogueRecord, format: WireFormat, schema_id: u32) -> Vec<u8> {
+    encode(&CATALOGUE, r, format, schema_id)
+}
+
+/// Decodes a catalogue record as a subscriber would (Avro with Confluent header, or JSON).
+pub fn decode_catalogue(bytes: &[u8], format: WireFormat) -> Result<CatalogueRecord, String> {
+    match format {
+        WireFormat::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        WireFormat::Avro => {
+            if bytes.len() < schema::CONFLUENT_HEADER_LEN || bytes[0] != 0 {
+                return Err("missing confluent header".into());
+            }
+            let reader =
+                apache_avro::reader::datum::GenericDatumReader::builder(&schema::SEGMENT_CATALOGUE)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+            let mut body = &bytes[schema::CONFLUENT_HEADER_LEN..];
+            let record = reader.read_deser(&mut body).map_err(|e| e.to_string())?;
+            if !body.is_empty() {
+                return Err("trailing bytes".into());
+            }
+            Ok(record)
+        }
+    }
+}
+
 /// An upper bound of a change's framed Avro size: the header, the three strings with their
 /// lengths, and ten bytes (the longest varint) or eight (a double) for every other field and
 /// union index.
 fn change_capacity(c: &SegmentChange) -> usize {
     let strings =
         c.user_id.len() + c.segment_label.len() + c.action.as_ref().map_or(0, String::len);
-    schema::CONFLUENT_HEADER_LEN + strings + 15 * 10
+    schema::CONFLUENT_HEADER_LEN + strings + 16 * 10
 }
 
 /// The Avro binary encoding (spec 1.11) of `c`, in the schema's field order.
@@ -111,6 +141,7 @@ fn write_change(out: &mut Vec<u8>, c: &SegmentChange) {
             out.extend_from_slice(&p.to_le_bytes());
         }
     }
+    write_long(out, c.catalogue_version);
 }
 
 /// The symbol's position in the schema's `ChangeReason` enum.
@@ -182,6 +213,7 @@ mod tests {
             model_version: 7,
             action: Some("vip".into()),
             purchase_probability: Some(0.4),
+            catalogue_version: 12,
         }
     }
 
@@ -206,7 +238,7 @@ mod tests {
             "{}",
             schema::SEGMENT_CHANGE.fingerprint::<apache_avro::rabin::Rabin>()
         );
-        assert_eq!(fp, "1a6d21a0094f13fc");
+        assert_eq!(fp, "d795734ad1df5481");
     }
 
     /// The output schemas published before (kept in `schemas/history`): subscribers built on
@@ -272,9 +304,11 @@ mod tests {
         use apache_avro::types::Value;
         let mut c = example();
         c.purchase_probability = None;
-        // The first schema's encoding is today's without the last field (a null: one byte).
+        c.catalogue_version = 0;
+        // The first schema's encoding is today's without the last two fields (a null and a
+        // zero: one byte each).
         let framed = encode_change(&c, WireFormat::Avro, 1);
-        let v1 = &framed[5..framed.len() - 1];
+        let v1 = &framed[5..framed.len() - 2];
         assert_eq!(
             read_as(&V1, &V1, v1),
             read_as(&schema::SEGMENT_CHANGE, &V1, &framed[5..])
@@ -283,6 +317,36 @@ mod tests {
         let absent = Value::Union(0, Box::new(Value::Null));
         assert_eq!(field(&new, "purchase_probability"), &absent);
         assert_eq!(field(&new, "new_segment"), &Value::Int(3));
+        assert_eq!(field(&new, "catalogue_version"), &Value::Long(0));
+    }
+
+    #[test]
+    fn catalogue_records_round_trip_through_their_schema() {
+        let r = CatalogueRecord {
+            segment_id: 2,
+            catalogue_version: 1 << 40,
+            reason: crate::catalogue::CatalogueReason::Split,
+            split_from: Some(0),
+            label: "frequent buyer".into(),
+            action: None,
+            share: 0.25,
+            mean_predicted_value: 120.5,
+            mean_purchase_probability: 0.4,
+            centroid: [
+                ("frequency".to_owned(), 1.5),
+                ("recency_days".to_owned(), -0.5),
+            ]
+            .into(),
+            model_version: 9,
+            emit_time: 1_700_000_000_000,
+        };
+        for f in [WireFormat::Avro, WireFormat::Json] {
+            assert_eq!(decode_catalogue(&encode_catalogue(&r, f, 5), f).unwrap(), r);
+        }
+        assert_eq!(
+            &encode_catalogue(&r, WireFormat::Avro, 5)[..5],
+            &[0, 0, 0, 0, 5]
+        );
     }
 
     fn reason() -> impl Strategy<Value = ChangeReason> {
@@ -321,6 +385,7 @@ mod tests {
                     model_version: longs.3,
                     action,
                     purchase_probability: p,
+                    catalogue_version: longs.0 ^ longs.3,
                 }
             },
         )
@@ -355,6 +420,7 @@ mod tests {
             model_version: -64,
             action: Some(String::new()),
             purchase_probability: Some(f64::MIN_POSITIVE),
+            catalogue_version: i64::MIN,
         };
         for n in [
             0,

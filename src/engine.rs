@@ -4,9 +4,10 @@
 //! No Kafka, no tokio, no clock: event time drives features, forgetting, label maturity and
 //! sweeps; the caller passes the wall-clock time used only for `emit_time`.
 
+use crate::catalogue::{Catalogue, Current};
 use crate::config::{ActionRule, LatePolicy, Settings};
 use crate::decode::{Ahead, Decoder, Spare};
-use crate::event::{ChangeReason, Event, SegmentChange, Source, UserId};
+use crate::event::{CatalogueRecord, ChangeReason, Event, SegmentChange, Source, UserId};
 use crate::features::{
     action_tag_hash, category_bucket, feature_index, feature_name, group_of, FeatureParams, Group,
     LabelWindow, UserState, Vector, CATEGORY_BUCKETS, CATEGORY_START, DIM, LAYOUT_VERSION,
@@ -104,6 +105,9 @@ pub struct Models {
     /// Exponentially weighted mean distance of events' vectors to their nearest centroid.
     #[serde(default)]
     distance_ewma: f64,
+    /// What the catalogue topic was last told about each segment.
+    #[serde(default)]
+    catalogue: Catalogue,
 }
 
 /// Why a saved model was refused.
@@ -180,6 +184,8 @@ pub struct Engine {
     trainer: bool,
     /// Segment descriptions and action candidates, as of one [`Engine::wording_key`].
     descriptions: std::cell::RefCell<Wording>,
+    /// Catalogue records decided and not yet taken for publication.
+    catalogue_out: Vec<CatalogueRecord>,
 }
 
 /// Cached wording of the segments: per segment its description, and the action rules its
@@ -323,6 +329,7 @@ impl Engine {
                 value: ValueModel::new(m.sgd_learning_rate, m.sgd_l2),
                 category_names: vec![HashMap::default(); CATEGORY_BUCKETS],
                 distance_ewma: 0.0,
+                catalogue: Catalogue::default(),
             },
             rules: Rules {
                 lateness_ms: ms(f.allowed_lateness),
@@ -350,6 +357,7 @@ impl Engine {
             removed: Vec::new(),
             trainer: true,
             descriptions: Default::default(),
+            catalogue_out: Vec::new(),
         }
     }
 
@@ -623,6 +631,7 @@ impl Engine {
         };
         if self.trainer && self.counters.applied >= self.next_fit && self.fits_left > 0 {
             self.fit();
+            self.review_catalogue(now_ms);
         }
         if self.watermark_ms >= self.next_sweep_ms {
             changes.extend(self.sweep(now_ms));
@@ -669,7 +678,7 @@ impl Engine {
             user_id: user.to_owned(),
             previous_segment: d.prev.map(|p| p as i32),
             new_segment: d.new as i32,
-            segment_label: self.describe(d.new as usize),
+            segment_label: self.published_label(d.new as usize),
             distance: n.best_dist,
             confidence,
             predicted_value: now.value,
@@ -686,6 +695,7 @@ impl Engine {
             model_version: self.models.kmeans.version() as i64,
             action: d.action.clone(),
             purchase_probability: Some(now.purchase_probability),
+            catalogue_version: self.models.catalogue.version(),
         }
     }
 
@@ -792,7 +802,89 @@ impl Engine {
         for user in expired {
             changes.extend(self.remove_user(user.as_str(), ChangeReason::Evicted, now_ms));
         }
+        self.review_catalogue(now_ms);
         changes
+    }
+
+    /// Decides what the catalogue topic must be told (trainer only: the other instances adopt
+    /// its models, and the catalogue with them), as of the centroids now.
+    fn review_catalogue(&mut self, now_ms: i64) {
+        if !self.trainer || !self.models.kmeans.is_seeded() {
+            return;
+        }
+        let now: Vec<Current> = (0..self.models.kmeans.k())
+            .map(|j| Current {
+                label: self.describe_now(j),
+                action: self
+                    .segment_actions(j)
+                    .into_iter()
+                    .find(|(min, _)| min.is_none())
+                    .map(|(_, tag)| tag),
+                centroid: self.centroid_z(j),
+            })
+            .collect();
+        let splits = self.models.kmeans.take_splits();
+        let clock = self.rules.version_clock;
+        let decided = self.models.catalogue.review(&now, &splits, clock);
+        if decided.is_empty() {
+            return;
+        }
+        let (shares, figures) = (self.segment_shares(), self.segment_figures());
+        for d in decided {
+            let j = d.segment as usize;
+            let cur = &now[j];
+            self.catalogue_out.push(CatalogueRecord {
+                segment_id: d.segment as i32,
+                catalogue_version: d.version,
+                reason: d.reason,
+                split_from: d.split_from.map(|s| s as i32),
+                label: cur.label.clone(),
+                action: cur.action.clone(),
+                share: shares.get(j).copied().unwrap_or(0.0),
+                mean_predicted_value: figures[j].mean_predicted_value,
+                mean_purchase_probability: figures[j].mean_purchase_probability,
+                centroid: (0..DIM)
+                    .map(|i| (feature_name(i).to_owned(), cur.centroid[i]))
+                    .collect(),
+                model_version: self.models.kmeans.version() as i64,
+                emit_time: now_ms,
+            });
+        }
+    }
+
+    /// Catalogue records decided since the last call, for the catalogue topic.
+    pub fn take_catalogue(&mut self) -> Vec<CatalogueRecord> {
+        std::mem::take(&mut self.catalogue_out)
+    }
+
+    /// Whether catalogue records wait to be taken (cheap: for the per-event path).
+    pub fn has_catalogue(&self) -> bool {
+        !self.catalogue_out.is_empty()
+    }
+
+    /// The description subscribers were given for segment `j`: the catalogue's, or (before
+    /// the catalogue has one) the current wording.
+    fn published_label(&self, j: usize) -> String {
+        match self.models.catalogue.label(j) {
+            Some(l) => l.to_owned(),
+            None => self.describe(j),
+        }
+    }
+
+    /// Segment `j`'s centroid as unweighted z-scores (empty before seeding).
+    fn centroid_z(&self, j: usize) -> Vec<f64> {
+        self.models.kmeans.centroids().map_or_else(Vec::new, |c| {
+            (0..DIM)
+                .map(|i| {
+                    let w = self.models.scaler.weight(i);
+                    if w > 0.0 {
+                        c[[j, i]] / w
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        })
     }
 
     /// Evicts the least recently seen users (by latest event time, then id) down to
@@ -1044,7 +1136,7 @@ impl Engine {
             new_segment: state.segment.map_or(-1, |s| s as i32),
             segment_label: state
                 .segment
-                .map_or_else(String::new, |s| self.describe(s as usize)),
+                .map_or_else(String::new, |s| self.published_label(s as usize)),
             distance: 0.0,
             confidence: 0.0,
             predicted_value: 0.0,
@@ -1055,6 +1147,7 @@ impl Engine {
             model_version: self.models.kmeans.version() as i64,
             action: None,
             purchase_probability: Some(0.0),
+            catalogue_version: self.models.catalogue.version(),
         })
     }
 
@@ -1194,22 +1287,17 @@ impl Engine {
                 let j = f.id as usize;
                 SegmentInfo {
                     id: f.id,
-                    label: self.describe(j),
+                    label: self.published_label(j),
                     size: f.size,
                     mean_predicted_value: f.mean_predicted_value,
                     mean_purchase_probability: f.mean_purchase_probability,
                     action: self.action(j),
-                    centroid: self.models.kmeans.centroids().map_or_else(Vec::new, |c| {
-                        (0..DIM)
-                            .map(|i| {
-                                let w = self.models.scaler.weight(i);
-                                (
-                                    feature_name(i).to_owned(),
-                                    if w > 0.0 { c[[j, i]] / w } else { 0.0 },
-                                )
-                            })
-                            .collect()
-                    }),
+                    centroid: self
+                        .centroid_z(j)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, z)| (feature_name(i).to_owned(), z))
+                        .collect(),
                 }
             })
             .collect()
@@ -1879,6 +1967,44 @@ mod tests {
                 assert_eq!(e.top_category(s.id as usize).as_deref(), Some(cat));
             }
         }
+    }
+
+    #[test]
+    fn the_catalogue_creates_every_segment_and_changes_carry_its_wording_and_version() {
+        use crate::catalogue::CatalogueReason;
+        let mut e = Engine::new(&RawConfig::default().validate().unwrap());
+        let mut g = Generator::new(3, 600, 0.0);
+        let (mut t, mut changes, mut catalogue) = (T0, Vec::new(), Vec::new());
+        for _ in 0..40_000 {
+            t += 1_000;
+            changes.extend(e.apply(&g.next_event(t), t).changes);
+            catalogue.extend(e.take_catalogue());
+        }
+        let created: Vec<i32> = catalogue
+            .iter()
+            .filter(|r| r.reason == CatalogueReason::Created)
+            .map(|r| r.segment_id)
+            .collect();
+        assert_eq!(created, (0..6).collect::<Vec<_>>(), "{catalogue:#?}");
+        assert!(catalogue
+            .windows(2)
+            .all(|w| w[0].catalogue_version < w[1].catalogue_version));
+        assert!(catalogue.iter().all(|r| r.centroid.len() == DIM));
+        // Every change names the wording its catalogue version gave its segment.
+        for c in changes.iter().filter(|c| c.reason != ChangeReason::Erased) {
+            let wording = catalogue
+                .iter()
+                .filter(|r| {
+                    r.segment_id == c.new_segment && r.catalogue_version <= c.catalogue_version
+                })
+                .max_by_key(|r| r.catalogue_version)
+                .unwrap_or_else(|| panic!("no catalogue record before {c:?}"));
+            assert_eq!(wording.label, c.segment_label, "{c:?}");
+        }
+        let last = catalogue.last().unwrap().catalogue_version;
+        assert!(changes
+            .iter()
+            .all(|c| (1..=last).contains(&c.catalogue_version)));
     }
 
     #[test]

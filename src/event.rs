@@ -240,4 +240,25 @@ pub struct SegmentChange {
     /// P(a purchase within the value horizon); `None` only in records written before it.
     #[serde(default)]
     pub purchase_probability: Option<f64>,
+    /// The catalogue version whose wording `segment_label` is (0: none yet).
+    #[serde(default)]
+    pub catalogue_version: i64,
+}
+
+/// A record of the segment catalogue topic, field for field `schemas/segment_catalogue.avsc`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename = "SegmentCatalogueEntry")]
+pub struct CatalogueRecord {
+    pub segment_id: i32,
+    pub catalogue_version: i64,
+    pub reason: crate::catalogue::CatalogueReason,
+    pub split_from: Option<i32>,
+    pub label: String,
+    pub action: Option<String>,
+    pub share: f64,
+    pub mean_predicted_value: f64,
+    pub mean_purchase_probability: f64,
+    pub centroid: std::collections::BTreeMap<String, f64>,
+    pub model_version: i64,
+    pub emit_time: i64,
 }

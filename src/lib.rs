@@ -3,6 +3,7 @@
 pub mod app;
 pub mod avro_fast;
 pub mod bench;
+pub mod catalogue;
 pub mod changelog;
 pub mod checkpoint;
 pub mod cli;

@@ -2,6 +2,7 @@
 //! registered on the service's own [`Registry`] (so tests and several pipelines in one process
 //! stay isolated). Labels are low-cardinality: input source, error code, reason, segment id.
 
+use crate::catalogue::CatalogueReason;
 use crate::decode::DecodeError;
 use crate::engine::SegmentFigures;
 use crate::event::{ChangeReason, Source};
@@ -24,6 +25,7 @@ pub struct Metrics {
     invalid: IntCounterVec,
     dead_letters: IntCounterVec,
     changes: IntCounterVec,
+    catalogue: IntCounterVec,
     users: IntGauge,
     segment_size: IntGaugeVec,
     segment_value: GaugeVec,
@@ -177,6 +179,12 @@ impl Metrics {
                 &r,
                 "segstream_segment_changes_total",
                 "Segment-change records delivered, by reason.",
+                &["reason"],
+            ),
+            catalogue: counter_vec(
+                &r,
+                "segstream_catalogue_records_total",
+                "Segment catalogue records delivered, by reason.",
                 &["reason"],
             ),
             users: gauge(&r, "segstream_users_tracked", "Users held in memory."),
@@ -568,6 +576,16 @@ impl Metrics {
         self.value_calibration.set(calibration);
         self.purchase_log_loss.set(log_loss);
         self.mean_distance.set(mean_distance);
+    }
+
+    pub fn catalogue_delivered(&self, reason: CatalogueReason) {
+        self.catalogue.with_label_values(&[reason.as_str()]).inc();
+    }
+    pub fn catalogue_records(&self) -> u64 {
+        CatalogueReason::ALL
+            .iter()
+            .map(|r| self.catalogue.with_label_values(&[r.as_str()]).get())
+            .sum()
     }
 
     /// The value model's progressive ranking figures.

@@ -222,6 +222,9 @@ pub struct KMeans {
     /// whatever was derived from the centroids (segment wording) is stale when this changes.
     #[serde(skip)]
     reshapes: u64,
+    /// Repairs not yet taken by [`KMeans::take_splits`]: (repaired id, the id it split).
+    #[serde(default)]
+    splits: Vec<(u32, u32)>,
 }
 
 fn unseeded_rng() -> ChaCha8Rng {
@@ -249,6 +252,7 @@ impl KMeans {
             clock_ms: i64::MIN,
             repairs: 0,
             reshapes: 0,
+            splits: Vec::new(),
             reservoir: Vec::with_capacity(init_users),
             users_offered: 0,
             rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5eed),
@@ -492,7 +496,13 @@ impl KMeans {
             self.counts[dead] = self.counts[big];
             self.repairs += 1;
             self.reshapes += 1;
+            self.splits.push((dead as u32, big as u32));
         }
+    }
+
+    /// The repairs since the last call: (repaired id, the id whose segment it split).
+    pub fn take_splits(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.splits)
     }
 }
 

@@ -7,14 +7,15 @@
 //! The committer awaits deliveries in consumption order and then stores the offset; librdkafka
 //! auto-commits stored offsets, and we commit synchronously on revoke and on shutdown.
 
+use crate::catalogue::CatalogueReason;
 use crate::checkpoint::{
     self, model_follower, restore_partition, CheckpointError, EndOfLog, Owned, Snapshot, Written,
 };
 use crate::config::Settings;
 use crate::decode::{Ahead, DecodeError, Decoder, ScratchPair, Spare};
-use crate::encode::encode_change;
+use crate::encode::{encode_catalogue, encode_change};
 use crate::engine::{Engine, Outcome};
-use crate::event::{ChangeReason, SegmentChange, Source};
+use crate::event::{CatalogueRecord, ChangeReason, SegmentChange, Source};
 use crate::http::{ApiCommand, PipelineLink};
 use crate::kafka::{commit_sync, consumer_config, producer, send, RebalanceEvent, SegContext};
 use crate::metrics::Metrics;
@@ -76,6 +77,8 @@ enum Output {
     Change(ChangeReason, i64),
     /// A dead letter from an input topic (`None`: the erasure topic).
     DeadLetter(Option<Source>),
+    /// A segment catalogue record.
+    Catalogue(CatalogueReason),
 }
 
 /// A processed message waiting for its outputs before its offset may be stored; `at` is `None`
@@ -435,6 +438,18 @@ pub async fn run_with_api(
                             Err(e) => {
                                 result = Err(PipelineError::Kafka(e));
                                 break;
+                            }
+                        }
+                    }
+                    // Sweeps and fits (inside this event's step) may have changed the catalogue.
+                    if engine.has_catalogue() && result.is_ok() {
+                        for record in engine.take_catalogue() {
+                            match publish_catalogue(&producer, settings, &record).await {
+                                Ok(d) => deliveries.push(d),
+                                Err(e) => {
+                                    result = Err(PipelineError::Kafka(e));
+                                    break;
+                                }
                             }
                         }
                     }
@@ -979,6 +994,22 @@ async fn publish_change(
     Ok((f, Output::Change(change.reason, change.event_time)))
 }
 
+/// Sends a catalogue record to the catalogue topic, keyed by segment id.
+async fn publish_catalogue(
+    producer: &FutureProducer,
+    settings: &Settings,
+    record: &CatalogueRecord,
+) -> Result<(DeliveryFuture, Output), KafkaError> {
+    let o = &settings.output;
+    let bytes = encode_catalogue(record, o.format, o.catalogue_schema_id);
+    let key = record.segment_id.to_string();
+    let topic = FutureRecord::to(&settings.kafka.topics.segment_catalogue)
+        .key(key.as_bytes())
+        .payload(&bytes[..]);
+    let f = send(producer, topic).await?;
+    Ok((f, Output::Catalogue(record.reason)))
+}
+
 /// The original headers (copied as bytes: a key that is not UTF-8 is kept as it is) plus the
 /// reason, the source coordinates and, for a cut message, what was cut.
 fn dead_letter_headers(
@@ -1081,6 +1112,7 @@ async fn commit_in_order(
             let name = match output {
                 Output::Change(..) => "changes",
                 Output::DeadLetter(_) => "dead_letter",
+                Output::Catalogue(_) => "catalogue",
             };
             let result = match poll_now(&mut delivery) {
                 Some(r) => r,
@@ -1100,6 +1132,7 @@ async fn commit_in_order(
                         }
                         Output::DeadLetter(Some(source)) => metrics.dead_lettered(source),
                         Output::DeadLetter(None) => metrics.dead_lettered_erasure(),
+                        Output::Catalogue(reason) => metrics.catalogue_delivered(reason),
                     }
                     continue;
                 }

@@ -25,6 +25,7 @@ pub struct ReplayInputs {
 #[derive(Clone, Debug, Default)]
 pub struct ReplayOutputs {
     pub changes: Option<PathBuf>,
+    pub catalogue: Option<PathBuf>,
     pub users: Option<PathBuf>,
     pub dead_letters: Option<PathBuf>,
     /// Where to save the trained model (for `run --model`).
@@ -48,6 +49,8 @@ pub struct ReplayReport {
     pub late: u64,
     pub invalid: BTreeMap<&'static str, u64>,
     pub changes: u64,
+    /// Segment catalogue records (created, split, reworded, moved).
+    pub catalogue_records: u64,
     pub flaps: u64,
     pub users: usize,
     /// Flaps per segment change.
@@ -129,6 +132,18 @@ pub fn replay(
             }
             Ok(())
         };
+    let mut catalogue = open_out(&outputs.catalogue)?;
+    let mut write_catalogue =
+        |engine: &mut Engine, report: &mut ReplayReport| -> anyhow::Result<()> {
+            for record in engine.take_catalogue() {
+                report.catalogue_records += 1;
+                if let Some(w) = catalogue.as_mut() {
+                    serde_json::to_writer(&mut *w, &record)?;
+                    w.write_all(b"\n")?;
+                }
+            }
+            Ok(())
+        };
     let started = std::time::Instant::now();
     let mut last_report = started;
     for (i, (t, source, n, event)) in events.iter().enumerate() {
@@ -171,12 +186,19 @@ pub fn replay(
             }
         }
         write_changes(applied.changes, &mut report)?;
+        if engine.has_catalogue() {
+            write_catalogue(&mut engine, &mut report)?;
+        }
     }
     // The final state is "as of" the cut-off (or the last event): idle users decayed to it.
     if let Some(end) = options.until_ms.or(events.last().map(|e| e.0)) {
         write_changes(engine.advance_to(end, end), &mut report)?;
     }
+    write_catalogue(&mut engine, &mut report)?;
     if let Some(mut w) = changes {
+        w.flush()?;
+    }
+    if let Some(mut w) = catalogue {
         w.flush()?;
     }
     if let Some(mut w) = dead {

@@ -11,6 +11,7 @@ pub const CLICK_EVENT_AVSC: &str = include_str!("../schemas/click_event.avsc");
 pub const PURCHASE_EVENT_AVSC: &str = include_str!("../schemas/purchase_event.avsc");
 pub const SOCIAL_EVENT_AVSC: &str = include_str!("../schemas/social_event.avsc");
 pub const SEGMENT_CHANGE_AVSC: &str = include_str!("../schemas/segment_change.avsc");
+pub const SEGMENT_CATALOGUE_AVSC: &str = include_str!("../schemas/segment_catalogue.avsc");
 
 fn parse(text: &str) -> Schema {
     // The schemas are compiled in and covered by tests: failing here is a build defect.
@@ -21,6 +22,7 @@ pub static CLICK_EVENT: LazyLock<Schema> = LazyLock::new(|| parse(CLICK_EVENT_AV
 pub static PURCHASE_EVENT: LazyLock<Schema> = LazyLock::new(|| parse(PURCHASE_EVENT_AVSC));
 pub static SOCIAL_EVENT: LazyLock<Schema> = LazyLock::new(|| parse(SOCIAL_EVENT_AVSC));
 pub static SEGMENT_CHANGE: LazyLock<Schema> = LazyLock::new(|| parse(SEGMENT_CHANGE_AVSC));
+pub static SEGMENT_CATALOGUE: LazyLock<Schema> = LazyLock::new(|| parse(SEGMENT_CATALOGUE_AVSC));
 
 /// The writer schema of an input source.
 pub fn input(source: Source) -> &'static Schema {
@@ -59,6 +61,7 @@ mod tests {
             &*PURCHASE_EVENT,
             &*SOCIAL_EVENT,
             &*SEGMENT_CHANGE,
+            &*SEGMENT_CATALOGUE,
         ] {
             assert!(matches!(s, Schema::Record(_)));
         }

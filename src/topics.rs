@@ -47,6 +47,12 @@ pub fn of(settings: &Settings) -> Vec<Topic> {
         topic("purchases", &t.purchases, Role::Input, true),
         topic("social", &t.social, Role::Input, true),
         topic("segment_changes", &t.segment_changes, Role::Output, false),
+        topic(
+            "segment_catalogue",
+            &t.segment_catalogue,
+            Role::Output,
+            false,
+        ),
         topic("dead_letter", &t.dead_letter, Role::Output, false),
     ];
     if settings.state.checkpoints {
@@ -270,6 +276,7 @@ mod tests {
                 "purchases",
                 "social",
                 "segment_changes",
+                "segment_catalogue",
                 "dead_letter",
                 "changelog",
                 "erasure",
@@ -278,7 +285,7 @@ mod tests {
         );
         let mut raw = RawConfig::default();
         raw.state.checkpoints = false;
-        assert_eq!(of(&raw.validate().unwrap()).len(), 5);
+        assert_eq!(of(&raw.validate().unwrap()).len(), 6);
     }
 
     #[test]
@@ -286,7 +293,17 @@ mod tests {
         let s = settings(CreateTopics::Outputs);
         let t = of(&s);
         // Inputs with 4 partitions exist, nothing else.
-        let counts = [Some(4), Some(4), Some(4), None, None, None, None, None];
+        let counts = [
+            Some(4),
+            Some(4),
+            Some(4),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ];
         let Plan::Missing { create, wait_for } = plan(&s, &t, &counts) else {
             panic!("expected missing topics")
         };
@@ -296,6 +313,7 @@ mod tests {
             created,
             [
                 ("segment_changes", 4),
+                ("segment_catalogue", 4),
                 ("dead_letter", 4),
                 ("changelog", 4),
                 ("erasure", 4),
@@ -312,6 +330,7 @@ mod tests {
             Some(4),
             Some(4),
             Some(4),
+            Some(4),
             Some(1),
         ];
         assert_eq!(
@@ -321,7 +340,7 @@ mod tests {
                 wait_for: vec![t[1].clone()]
             }
         );
-        let none = [None; 8];
+        let none = [None; 9];
         let Plan::Missing { create, wait_for } = plan(&s, &t, &none) else {
             panic!()
         };
@@ -331,7 +350,12 @@ mod tests {
         );
         assert_eq!(
             create.iter().map(|(t, _)| t.key).collect::<Vec<_>>(),
-            ["segment_changes", "dead_letter", "model"]
+            [
+                "segment_changes",
+                "segment_catalogue",
+                "dead_letter",
+                "model"
+            ]
         );
     }
 
@@ -342,6 +366,7 @@ mod tests {
             None,
             Some(3),
             None,
+            Some(3),
             Some(3),
             Some(3),
             Some(3),
@@ -364,7 +389,7 @@ mod tests {
             [("purchases", 3), ("segment_changes", 3)]
         );
         // With no input at all, `all` uses kafka.input_partitions.
-        let Plan::Missing { create, .. } = plan(&s, &t, &[None; 8]) else {
+        let Plan::Missing { create, .. } = plan(&s, &t, &[None; 9]) else {
             panic!()
         };
         assert!(create.iter().take(3).all(|(_, n)| *n == 6));
@@ -375,6 +400,7 @@ mod tests {
         let s = settings(CreateTopics::Outputs);
         let t = of(&s);
         let counts = [
+            Some(4),
             Some(4),
             Some(4),
             Some(4),
@@ -393,6 +419,7 @@ mod tests {
             Some(4),
             Some(4),
             Some(9),
+            Some(1),
             Some(1),
             Some(4),
             Some(4),

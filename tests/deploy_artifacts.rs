@@ -13,6 +13,7 @@ fn exported() -> (BTreeSet<String>, BTreeSet<String>) {
     // Families with labels appear once they have a series: give each one, as traffic would.
     let m = Metrics::new();
     m.set_lag("clickstream", 0, 1);
+    m.catalogue_delivered(segstream::catalogue::CatalogueReason::Created);
     m.set_model_state(
         1,
         1,

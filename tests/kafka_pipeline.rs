@@ -1,12 +1,13 @@
 //! The pipeline against a real Kafka-protocol broker: valid events are applied exactly once,
 //! malformed ones reach the dead-letter topic with the right codes, outputs decode with the
-//! bundled schema, and offsets are committed so that a restart neither loses nor repeats input.
+//! bundled schema (the segment catalogue too), and offsets are committed so that a restart neither loses nor repeats input.
 
 mod common;
 
 use common::*;
+use segstream::catalogue::CatalogueReason;
 use segstream::config::WireFormat;
-use segstream::encode::decode_change;
+use segstream::encode::{decode_catalogue, decode_change};
 use segstream::engine::Engine;
 use segstream::event::Source;
 use segstream::generate::Generator;
@@ -123,6 +124,7 @@ async fn valid_events_are_applied_once_and_malformed_ones_are_dead_lettered_with
     );
     assert_eq!(out.len() as u64, changes);
     let mut last: HashMap<String, i64> = HashMap::new();
+    let mut decoded = Vec::new();
     for o in out {
         let c =
             decode_change(&o.payload, WireFormat::Avro).expect("decodes with the bundled schema");
@@ -130,6 +132,39 @@ async fn valid_events_are_applied_once_and_malformed_ones_are_dead_lettered_with
         let prev = last.insert(c.user_id.clone(), c.version).unwrap_or(0);
         assert!(c.version > prev, "versions increase per user");
         assert!(!c.segment_label.is_empty());
+        decoded.push(c);
+    }
+
+    // The catalogue topic names every segment (key: its id), and each change's label is the
+    // wording of the catalogue version it carries.
+    let n = metrics.catalogue_records();
+    let catalogue: Vec<_> = read_topic(
+        &settings,
+        &settings.kafka.topics.segment_catalogue,
+        n as usize,
+        PATIENCE,
+    )
+    .into_iter()
+    .map(|o| {
+        let r = decode_catalogue(&o.payload, WireFormat::Avro).expect("decodes with its schema");
+        assert_eq!(o.key.unwrap(), r.segment_id.to_string().into_bytes());
+        r
+    })
+    .collect();
+    assert_eq!(catalogue.len() as u64, n);
+    let created: std::collections::BTreeSet<i32> = catalogue
+        .iter()
+        .filter(|r| r.reason == CatalogueReason::Created)
+        .map(|r| r.segment_id)
+        .collect();
+    assert_eq!(created, (0..6).collect(), "{catalogue:?}");
+    for c in &decoded {
+        let wording = catalogue
+            .iter()
+            .filter(|r| r.segment_id == c.new_segment && r.catalogue_version <= c.catalogue_version)
+            .max_by_key(|r| r.catalogue_version)
+            .expect("a catalogue record precedes the change");
+        assert_eq!(wording.label, c.segment_label);
     }
 }
 

@@ -258,6 +258,7 @@ clickstream = "{}"
 purchases = "{}"
 social = "{}"
 segment_changes = "{}"
+segment_catalogue = "{}"
 dead_letter = "{}"
 changelog = "{}"
 erasure = "{}"
@@ -277,6 +278,7 @@ full_checkpoint_every = 7
             t.purchases,
             t.social,
             t.segment_changes,
+            t.segment_catalogue,
             t.dead_letter,
             t.changelog,
             t.erasure,
