@@ -9,8 +9,13 @@
 //! - other rows need Quantity > 0 (stock corrections otherwise): `non_positive_quantity`;
 //! - UnitPrice < 0: `negative_price`; UnitPrice = 0 is kept (free items, samples);
 //! - rows are grouped into one event per invoice, stamped with the invoice's time (UTC);
-//!   category = the last word of the description for products, `service` for non-product codes
-//!   (postage, fees, manual adjustments), `unknown` without a description.
+//!   category = the product type a merchandiser would file the item under: the description's
+//!   head noun, i.e. its last word that is not a modifier (a colour, size, material, pattern or
+//!   pack word: [`MODIFIERS`]; nor a word with digits), singularised ("JUMBO BAG PINK POLKADOT"
+//!   is a `bag`, "SET OF 3 CAKE TINS PANTRY DESIGN" a `pantry`: pattern names not in the list
+//!   stay); `service` for non-product codes (postage, fees, manual adjustments), `unknown`
+//!   without a description or a noun. The data has no category column; taking the plain last
+//!   word made colours and patterns categories (`cross_sell:pink`).
 
 use crate::event::{LineItem, OrderStatus, PurchaseEvent};
 use anyhow::Context;
@@ -60,6 +65,111 @@ fn is_missing(s: &str) -> bool {
     s.is_empty() || s == "NA"
 }
 
+/// Words that qualify a product rather than name its type: colours, sizes, materials and
+/// finishes, patterns and designs, and pack words.
+const MODIFIERS: &[&str] = &[
+    // colours
+    "pink",
+    "red",
+    "blue",
+    "white",
+    "black",
+    "green",
+    "cream",
+    "ivory",
+    "gold",
+    "silver",
+    "yellow",
+    "purple",
+    "orange",
+    "brown",
+    "grey",
+    "gray",
+    "natural",
+    "pastel",
+    "colour",
+    "colours",
+    "coloured",
+    "multicolour",
+    "assorted",
+    "mixed",
+    // sizes
+    "small",
+    "large",
+    "mini",
+    "medium",
+    "big",
+    "jumbo",
+    "giant",
+    "tall",
+    "tiny",
+    "tier",
+    // materials and finishes
+    "finish",
+    "glitter",
+    "wooden",
+    "wood",
+    "metal",
+    "glass",
+    "ceramic",
+    "zinc",
+    "enamel",
+    "rustic",
+    "antique",
+    "vintage",
+    // patterns and designs
+    "design",
+    "retrospot",
+    "polkadot",
+    "polka",
+    "dot",
+    "spotty",
+    "spot",
+    "paisley",
+    "floral",
+    "flower",
+    "stripe",
+    "striped",
+    "gingham",
+    "woodland",
+    "spaceboy",
+    "skull",
+    "christmas",
+    "xmas",
+    "heart",
+    "star",
+    "london",
+    "apple",
+    "leaf",
+    "cherry",
+    "strawberry",
+    "owl",
+    "bird",
+    // pack words
+    "set",
+    "of",
+    "pack",
+    "kit",
+    "piece",
+    "pcs",
+];
+
+/// A plural's singular, by English spelling rules (boxes → box, doilies → doily, bags → bag).
+fn singular(w: &str) -> String {
+    if let Some(stem) = w.strip_suffix("ies").filter(|s| s.len() > 1) {
+        return format!("{stem}y");
+    }
+    for suffix in ["ches", "shes", "xes", "sses"] {
+        if w.ends_with(suffix) {
+            return w[..w.len() - 2].to_owned();
+        }
+    }
+    match w.strip_suffix('s') {
+        Some(stem) if !w.ends_with("ss") && w.len() > 3 => stem.to_owned(),
+        _ => w.to_owned(),
+    }
+}
+
 fn category(row: &Row) -> String {
     if !row.stock_code.starts_with(|c: char| c.is_ascii_digit()) {
         return "service".into();
@@ -74,7 +184,9 @@ fn category(row: &Row) -> String {
             w.trim_matches(|c: char| !c.is_alphanumeric())
                 .to_lowercase()
         })
-        .find(|w| w.chars().any(|c| c.is_alphabetic()))
+        .filter(|w| !w.is_empty() && w.chars().all(char::is_alphabetic))
+        .map(|w| singular(&w))
+        .find(|w| !MODIFIERS.contains(&w.as_str()))
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -266,6 +378,12 @@ mod tests {
         assert_eq!(placed.items.len(), 3);
         assert_eq!(placed.items[0].category, "holder");
         assert_eq!(placed.items[2].category, "service");
+        let named = |d: &str| category(&row("1", "22139", d, 1, 1.0, "1"));
+        assert_eq!(named("JUMBO BAG PINK POLKADOT"), "bag");
+        assert_eq!(named("SET OF 6 SPICE TINS PANTRY DESIGN"), "pantry");
+        assert_eq!(named("PACK OF 72 RETROSPOT CAKE CASES"), "case");
+        assert_eq!(named("LUNCH BOXES RED"), "box");
+        assert_eq!(named("PINK 50s"), "unknown");
         assert!((placed.total - (6.0 * 2.55 + 6.0 * 3.39 + 18.0)).abs() < 1e-9);
         assert_eq!(placed.event_time, 1_291_191_960_000);
         let cancel = &events[1];
