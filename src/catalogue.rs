@@ -56,7 +56,6 @@ struct Published {
     label: String,
     action: Option<String>,
     centroid: Vec<f64>,
-    version: i64,
     pending: Option<(String, Option<String>)>,
 }
 
@@ -107,11 +106,6 @@ impl Catalogue {
         self.segments.get(j)?.as_ref().map(|p| p.label.as_str())
     }
 
-    /// The published action of segment `j` (`None` also when unpublished).
-    pub fn action(&self, j: usize) -> Option<&str> {
-        self.segments.get(j)?.as_ref()?.action.as_deref()
-    }
-
     fn next_version(&mut self, clock: i64) -> i64 {
         self.version = (self.version + 1).max(clock);
         self.version
@@ -154,7 +148,6 @@ impl Catalogue {
                 label: cur.label.clone(),
                 action: cur.action.clone(),
                 centroid: cur.centroid.clone(),
-                version,
                 pending: None,
             });
             out.push(Decided {
@@ -216,7 +209,8 @@ mod tests {
         tagged.action = Some("vip".into());
         assert!(c.review(std::slice::from_ref(&tagged), &[], 0).is_empty());
         assert_eq!(reasons(&c.review(&[tagged], &[], 0)), [(0, Reworded)]);
-        assert_eq!(c.action(0), Some("vip"));
+        let published = c.segments[0].as_ref().unwrap();
+        assert_eq!(published.action.as_deref(), Some("vip"));
     }
 
     #[test]

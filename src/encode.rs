@@ -78,24 +78,7 @@ pub fn encode_catalogue(r: &CatalogueRecord, format: WireFormat, schema_id: u32)
 
 /// Decodes a catalogue record as a subscriber would (Avro with Confluent header, or JSON).
 pub fn decode_catalogue(bytes: &[u8], format: WireFormat) -> Result<CatalogueRecord, String> {
-    match format {
-        WireFormat::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        WireFormat::Avro => {
-            if bytes.len() < schema::CONFLUENT_HEADER_LEN || bytes[0] != 0 {
-                return Err("missing confluent header".into());
-            }
-            let reader =
-                apache_avro::reader::datum::GenericDatumReader::builder(&schema::SEGMENT_CATALOGUE)
-                    .build()
-                    .map_err(|e| e.to_string())?;
-            let mut body = &bytes[schema::CONFLUENT_HEADER_LEN..];
-            let record = reader.read_deser(&mut body).map_err(|e| e.to_string())?;
-            if !body.is_empty() {
-                return Err("trailing bytes".into());
-            }
-            Ok(record)
-        }
-    }
+    decode_framed(bytes, format, &schema::SEGMENT_CATALOGUE)
 }
 
 /// An upper bound of a change's framed Avro size: the header, the three strings with their
@@ -172,22 +155,31 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 
 /// Decodes a segment change as a subscriber would (Avro with Confluent header, or JSON).
 pub fn decode_change(bytes: &[u8], format: WireFormat) -> Result<SegmentChange, String> {
+    decode_framed(bytes, format, &schema::SEGMENT_CHANGE)
+}
+
+/// One output record as a subscriber reads it: JSON, or Avro of `schema` after the Confluent
+/// header, with nothing left over.
+fn decode_framed<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    format: WireFormat,
+    schema: &Schema,
+) -> Result<T, String> {
     match format {
         WireFormat::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
         WireFormat::Avro => {
             if bytes.len() < schema::CONFLUENT_HEADER_LEN || bytes[0] != 0 {
                 return Err("missing confluent header".into());
             }
-            let reader =
-                apache_avro::reader::datum::GenericDatumReader::builder(&schema::SEGMENT_CHANGE)
-                    .build()
-                    .map_err(|e| e.to_string())?;
+            let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+                .build()
+                .map_err(|e| e.to_string())?;
             let mut body = &bytes[schema::CONFLUENT_HEADER_LEN..];
-            let change = reader.read_deser(&mut body).map_err(|e| e.to_string())?;
+            let record = reader.read_deser(&mut body).map_err(|e| e.to_string())?;
             if !body.is_empty() {
                 return Err("trailing bytes".into());
             }
-            Ok(change)
+            Ok(record)
         }
     }
 }

@@ -1232,15 +1232,6 @@ impl Engine {
         self.models.distance_ewma
     }
 
-    /// Users per segment, by id.
-    pub fn segment_sizes(&self) -> Vec<(u32, i64)> {
-        self.segment_sizes
-            .iter()
-            .enumerate()
-            .map(|(j, n)| (j as u32, *n))
-            .collect()
-    }
-
     /// Each segment's size and its members' mean predictions (cheap: kept up to date per event).
     pub fn segment_figures(&self) -> Vec<SegmentFigures> {
         self.segment_sizes
@@ -2118,13 +2109,19 @@ mod tests {
                 .collect();
             r.restore_shard(shard, users);
         }
-        assert_eq!(r.segment_sizes(), e.segment_sizes());
+        let sizes = |e: &Engine| {
+            e.segment_figures()
+                .iter()
+                .map(|f| f.size)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(&r), sizes(&e));
         assert_eq!(r.model_version(), e.model_version());
         assert_eq!(r.applied(), e.applied());
         let released = r.release_shard(1);
         assert!(released > 0);
         assert_eq!(r.users(), e.users() - released);
-        let sized: i64 = r.segment_sizes().iter().map(|(_, n)| n).sum();
+        let sized: i64 = r.segment_figures().iter().map(|f| f.size).sum();
         assert_eq!(sized as usize, r.users());
     }
 

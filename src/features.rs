@@ -798,12 +798,18 @@ impl UserState {
     /// decay window, which shrinks one first purchase (to ln 2 · horizon / half-life of it)
     /// instead of extrapolating a few days of tenure.
     pub fn recent_spend_over(&self, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
+        self.long_rate_over(SPEND, t, horizon_ms, p)
+    }
+
+    /// `sums[i]` (a long-decayed sum) decayed to `t` (not earlier than the latest event), read
+    /// as a rate per day, times `horizon_ms`; 0 if that is not finite.
+    fn long_rate_over(&self, i: usize, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
         let d = &p.decays[HALF_LIVES - 1];
         let t = t.max(self.anchor_ms);
-        let spend = self.sums[SPEND].max(0.0) * d.factor(t - self.anchor_ms);
-        let value = d.per_day(spend) * horizon_ms as f64 / DAY_MS;
-        if value.is_finite() {
-            value
+        let sum = self.sums[i].max(0.0) * d.factor(t - self.anchor_ms);
+        let over = d.per_day(sum) * horizon_ms as f64 / DAY_MS;
+        if over.is_finite() {
+            over
         } else {
             0.0
         }
@@ -813,15 +819,7 @@ impl UserState {
     /// user keeps ordering at their long-decayed order rate (read as [`Self::recent_spend_over`]
     /// reads spend), orders arriving as a Poisson process: `1 − exp(−rate · horizon)`.
     pub fn recent_purchase_probability(&self, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
-        let d = &p.decays[HALF_LIVES - 1];
-        let t = t.max(self.anchor_ms);
-        let orders = self.sums[ORDERS].max(0.0) * d.factor(t - self.anchor_ms);
-        let expected = d.per_day(orders) * horizon_ms as f64 / DAY_MS;
-        if expected.is_finite() {
-            1.0 - (-expected).exp()
-        } else {
-            0.0
-        }
+        1.0 - (-self.long_rate_over(ORDERS, t, horizon_ms, p)).exp()
     }
 
     /// Net spend of a purchase event (negative for cancellations and refunds).
