@@ -1,6 +1,7 @@
 //! Wiring of the commands: the service (`run`), the traffic generator (`generate`) and the
 //! self-contained demo (`demo`). Everything here is glue between the pure core and the edges.
 
+use crate::clock::wall_ms;
 use crate::config::{RawConfig, Settings};
 use crate::encode::decode_change;
 use crate::engine::Engine;
@@ -8,7 +9,7 @@ use crate::event::Source;
 use crate::generate::Generator;
 use crate::kafka::{ensure_topics, producer};
 use crate::metrics::Metrics;
-use crate::pipeline::{self, wall_ms};
+use crate::pipeline;
 use crate::quality::adjusted_rand_index;
 use crate::{http, kafka};
 use anyhow::Context;

@@ -99,7 +99,7 @@ pub fn pipeline(
     let settings = RawConfig::default().validate()?;
     let threads = threads.max(1);
     let mut g = Generator::new(1, users, 0.0);
-    let t0 = crate::pipeline::wall_ms() - 2 * events as i64;
+    let t0 = crate::clock::wall_ms() - 2 * events as i64;
     let mut shards: Vec<Vec<Record>> = vec![Vec::new(); threads];
     let mut order = Vec::with_capacity(events);
     for i in 0..2 * events {
@@ -423,7 +423,7 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
     }
     let decoder = crate::decode::Decoder::new(settings.decode.clone());
 
-    let started = crate::pipeline::wall_ms();
+    let started = crate::clock::wall_ms();
     let warm_until = started + (seconds as i64 * 1_000) / 4;
     let end = started + seconds as i64 * 1_000;
     let producing = {
@@ -435,12 +435,12 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
             let per_tick = rate as f64 / 100.0;
             let (mut budget, mut produced) = (0.0, 0u64);
-            while crate::pipeline::wall_ms() < end {
+            while crate::clock::wall_ms() < end {
                 tick.tick().await;
                 budget += per_tick;
                 while budget >= 1.0 {
                     budget -= 1.0;
-                    let r = g.next_record(crate::pipeline::wall_ms(), &settings.decode);
+                    let r = g.next_record(crate::clock::wall_ms(), &settings.decode);
                     let record = FutureRecord::to(settings.topic(r.source))
                         .key(r.key.as_bytes())
                         .payload(&r.payload[..]);
@@ -454,10 +454,10 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
     };
     let mut latencies = Vec::new();
     let deadline = end + 5_000;
-    while crate::pipeline::wall_ms() < deadline {
+    while crate::clock::wall_ms() < deadline {
         let msg = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.recv());
         let Ok(Ok(m)) = msg.await else { continue };
-        let now = crate::pipeline::wall_ms();
+        let now = crate::clock::wall_ms();
         let payload = m.payload().unwrap_or_default();
         let event_time = if floor {
             settings

@@ -146,7 +146,7 @@ pub fn link(
         history: history.clone(),
         commands: rx,
     };
-    link.publish(engine, crate::pipeline::wall_ms());
+    link.publish(engine, crate::clock::wall_ms());
     let state = ApiState {
         metrics,
         store: engine.store(),

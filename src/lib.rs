@@ -7,6 +7,7 @@ pub mod catalogue;
 pub mod changelog;
 pub mod checkpoint;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod encode;

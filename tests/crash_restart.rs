@@ -8,9 +8,10 @@ mod common;
 
 use common::*;
 use rand::{Rng, SeedableRng};
+use segstream::clock::wall_ms;
 use segstream::encode::decode_change;
 use segstream::generate::Generator;
-use segstream::pipeline::{wall_ms, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC};
+use segstream::pipeline::{DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -3,11 +3,12 @@
 mod common;
 
 use common::*;
+use segstream::clock::wall_ms;
 use segstream::engine::Engine;
 use segstream::event::{ChangeReason, Source};
 use segstream::generate::Generator;
 use segstream::metrics::Metrics;
-use segstream::pipeline::{self, wall_ms};
+use segstream::pipeline;
 use std::process::Command;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

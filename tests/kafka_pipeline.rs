@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use segstream::catalogue::CatalogueReason;
+use segstream::clock::wall_ms;
 use segstream::config::WireFormat;
 use segstream::encode::{decode_catalogue, decode_change};
 use segstream::engine::Engine;
@@ -13,7 +14,7 @@ use segstream::event::Source;
 use segstream::generate::Generator;
 use segstream::metrics::Metrics;
 use segstream::pipeline::{
-    self, wall_ms, DLQ_ERROR_CODE, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC,
+    self, DLQ_ERROR_CODE, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION, DLQ_SOURCE_TOPIC,
 };
 use std::collections::HashMap;
 use std::time::Duration;

@@ -148,7 +148,7 @@ async fn a_key_that_is_not_the_user_id_is_dead_lettered_and_the_user_is_not_spli
     let settings = fresh_settings("keys", 2).await;
     let mut g = segstream::generate::Generator::new(3, 1, 0.0);
     let mut records: Vec<Record> = (0..11)
-        .map(|_| g.next_record(segstream::pipeline::wall_ms(), &settings.decode))
+        .map(|_| g.next_record(segstream::clock::wall_ms(), &settings.decode))
         .collect();
     let user = records[0].key.clone();
     records[5].key = format!("{user}-somebody-else");

@@ -4,11 +4,12 @@
 mod common;
 
 use common::*;
+use segstream::clock::wall_ms;
 use segstream::engine::Engine;
 use segstream::event::Event;
 use segstream::generate::Generator;
 use segstream::metrics::Metrics;
-use segstream::pipeline::{self, wall_ms};
+use segstream::pipeline;
 use segstream::replay::{replay, ReplayInputs, ReplayOutputs};
 use std::io::Write;
 use std::time::Duration;

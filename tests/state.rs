@@ -6,11 +6,11 @@ mod common;
 
 use common::*;
 use rdkafka::producer::{FutureRecord, Producer};
+use segstream::clock::wall_ms;
 use segstream::config::{Settings, WireFormat};
 use segstream::encode::encode_event;
 use segstream::event::{ChangeReason, ClickEvent, ClickKind, Event, Source};
 use segstream::generate::Generator;
-use segstream::pipeline::wall_ms;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

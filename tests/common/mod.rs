@@ -9,12 +9,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use segstream::app::{create_all_topics, settings_for};
 use segstream::checkpoint::restore_partition;
+use segstream::clock::wall_ms;
 use segstream::config::Settings;
 use segstream::engine::Engine;
 use segstream::event::Source;
 use segstream::features::{FeatureParams, UserState};
 use segstream::generate::Record;
-use segstream::pipeline::wall_ms;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -75,7 +75,7 @@ pub async fn produce_generated(
 ) -> Vec<Sent> {
     let mut g = segstream::generate::Generator::new(seed, users, 0.0);
     let records = (0..n)
-        .map(|_| g.next_record(segstream::pipeline::wall_ms(), &settings.decode))
+        .map(|_| g.next_record(segstream::clock::wall_ms(), &settings.decode))
         .collect();
     produce(settings, records).await
 }
