@@ -323,293 +323,346 @@ pub struct RetailArgs {
 pub async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => app::run(args.config.load()?, args.model.as_deref(), cancel).await,
-        Command::Segments(a) => {
-            let settings = RawConfig::load(a.config.as_deref())?.validate()?;
-            let engine = crate::engine::Engine::with_model(&settings, &a.model)
-                .with_context(|| format!("loading model {}", a.model.display()))?;
-            let segments = engine.segments();
-            if !engine.is_seeded() {
-                anyhow::bail!(
-                    "{}: the model has no segments yet (k-means had not seen model.init_events events from model.init_users users when it was saved)",
-                    a.model.display()
-                );
-            }
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&segments)?);
-            } else {
-                // A model holds no users: sizes are each centroid's share of what it learnt from.
-                let shares = engine.segment_shares();
-                let (_, _, labels) = engine.value_errors();
-                let (calibration, log_loss) = engine.value_calibration();
-                let v = engine.value_validation();
-                println!(
-                    "model version {}, value model: {labels} labels, calibration {calibration:.2}, Pearson {:.3}, normalised Gini {:.3}; propensity AUC {:.3}, log loss {log_loss:.3}",
-                    engine.model_version(),
-                    v.value_pearson,
-                    v.value_normalised_gini,
-                    v.propensity_auc,
-                );
-                if !v.deciles.is_empty() {
-                    println!("value by tenth of labels (highest predicted first):");
-                    println!(
-                        "{:>8}  {:>14}  {:>11}",
-                        "labels", "mean predicted", "mean actual"
-                    );
-                    for d in &v.deciles {
-                        println!(
-                            "{:>8}  {:>14.2}  {:>11.2}",
-                            d.labels, d.mean_predicted, d.mean_actual
-                        );
-                    }
-                }
-                println!("{:>3}  {:>6}  {:<24} description", "id", "share", "action");
-                for s in segments {
-                    println!(
-                        "{:>3}  {:>5.1}%  {:<24} {}",
-                        s.id,
-                        100.0 * shares.get(s.id as usize).copied().unwrap_or(0.0),
-                        s.action.as_deref().unwrap_or("-"),
-                        s.label
-                    );
-                }
-            }
-            Ok(())
-        }
-        Command::Demo(a) => {
-            let report = app::demo(
-                DemoOptions {
-                    duration: a.duration,
-                    rate: a.rate,
-                    users: a.traffic.users,
-                    malformed_ratio: a.traffic.malformed_ratio,
-                    seed: a.traffic.seed,
-                    http_bind: a.http_bind,
-                },
-                cancel,
-            )
-            .await?;
-            anyhow::ensure!(
-                report.segments_non_empty > 0,
-                "no segments formed: {report:?}"
-            );
-            Ok(())
-        }
-        Command::Generate(a) => {
-            let settings = a.config.load()?;
-            let s = app::generate(
-                &settings,
-                &GenerateOptions {
-                    rate: a.rate,
-                    users: a.traffic.users,
-                    malformed_ratio: a.traffic.malformed_ratio,
-                    seed: a.traffic.seed,
-                    count: a.count,
-                    create_topics: a.create_topics,
-                },
-                cancel,
-            )
-            .await?;
-            println!(
-                "sent {} records ({} malformed, {} failed)",
-                s.sent, s.malformed, s.failed
-            );
-            anyhow::ensure!(s.failed == 0, "{} records were not delivered", s.failed);
-            Ok(())
-        }
-        Command::Replay(a) => {
-            let settings = RawConfig::load(a.config.as_deref())?.validate()?;
-            let (engine, report) = replay::replay(
-                &settings,
-                &ReplayInputs {
-                    clickstream: a.clickstream,
-                    purchases: a.purchases,
-                    social: a.social,
-                },
-                &ReplayOutputs {
-                    changes: a.changes_out,
-                    catalogue: a.catalogue_out,
-                    users: a.users_out,
-                    dead_letters: a.dead_letters_out,
-                    model: a.save_model,
-                },
-                &ReplayOptions {
-                    model: a.model,
-                    until_ms: a
-                        .until
-                        .map(|u| {
-                            chrono::DateTime::parse_from_rfc3339(&u)
-                                .map(|t| t.timestamp_millis())
-                                .with_context(|| format!("--until {u}: expected RFC 3339"))
-                        })
-                        .transpose()?,
-                },
-            )?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            println!("segments:");
-            for s in engine.segments() {
-                println!(
-                    "  {:>2}: {:>6} users  value {:>9.2}  p(buy) {:>5.1}%  {:<24} {}",
-                    s.id,
-                    s.size,
-                    s.mean_predicted_value,
-                    100.0 * s.mean_purchase_probability,
-                    s.action.as_deref().unwrap_or("-"),
-                    s.label
-                );
-            }
-            Ok(())
-        }
-        Command::Retail(a) => {
-            let report = retail::convert(&a.input, &a.output, a.rejects.as_deref())
-                .with_context(|| format!("converting {}", a.input.display()))?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Broker {
-                    brokers,
-                    events,
-                    users,
-                    consumer_properties,
-                },
+        Command::Segments(a) => run_segments(a),
+        Command::Demo(a) => run_demo(a, cancel).await,
+        Command::Generate(a) => run_generate(a, cancel).await,
+        Command::Replay(a) => run_replay(a),
+        Command::Retail(a) => run_retail(a),
+        Command::Bench { command } => run_bench(command).await,
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => run_config_check(file),
+    }
+}
+
+/// `bench`: the benchmarks, each printing its figures.
+async fn run_bench(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Broker {
+            brokers,
+            events,
+            users,
+            consumer_properties,
+        } => bench_broker(brokers, events, users, consumer_properties).await,
+        BenchCommand::Pipeline {
+            events,
+            users,
+            threads,
+            vectors_out,
+        } => bench_pipeline(events, users, threads, vectors_out),
+        BenchCommand::Latency {
+            brokers,
+            rate,
+            seconds,
+            users,
+            fetch_wait_ms,
+            floor,
+            checkpoint_interval,
         } => {
-            let r = crate::bench::broker(&brokers, events, users, &consumer_properties).await?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            println!(
-                "bare consumer {:.0} events/s, segstream {:.0} events/s: ratio {:.2}",
-                r.bare_consumer_events_per_second, r.segstream_events_per_second, r.ratio
-            );
-            println!(
-                "without checkpoints {:.0} events/s: checkpointing costs {:.1} % of throughput",
-                r.segstream_without_checkpoints_events_per_second,
-                100.0 * r.checkpoint_cost
-            );
-            println!(
-                "{:.2} us per message, of which decode + apply {:.2} us",
-                r.pipeline_us_per_message, r.decode_apply_us_per_message
-            );
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Pipeline {
-                    events,
-                    users,
-                    threads,
-                    vectors_out,
-                },
-        } => {
-            let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-            });
-            let r = crate::bench::pipeline(events, users, threads, vectors_out.as_deref())?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            println!(
-                "{} threads: {:.0} events/s, {:.0} events/s per core",
-                r.threads, r.events_per_second, r.events_per_second_per_core
-            );
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Latency {
-                    brokers,
-                    rate,
-                    seconds,
-                    users,
-                    fetch_wait_ms,
-                    floor,
-                    checkpoint_interval,
-                },
-        } => {
-            let checkpoints = match checkpoint_interval.as_str() {
-                "off" => None,
-                s => Some(
-                    humantime::parse_duration(s)
-                        .map_err(|e| anyhow::anyhow!("--checkpoint-interval: {e}"))?,
-                ),
-            };
-            let options = crate::bench::LatencyOptions {
+            bench_latency(
+                brokers,
                 rate,
                 seconds,
                 users,
                 fetch_wait_ms,
                 floor,
-                checkpoints,
-            };
-            let r = crate::bench::latency(&brokers, &options).await?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            let what = if floor {
-                "event -> consumer of the input (no segstream)"
-            } else {
-                "event -> segment change at a subscriber"
-            };
-            println!(
-                "{} events/s: {what} p50 {:.0} ms, p99 {:.0} ms ({} timed)",
-                r.rate, r.p50_ms, r.p99_ms, r.changes
-            );
-            Ok(())
+                checkpoint_interval,
+            )
+            .await
         }
-        Command::Bench {
-            command:
-                BenchCommand::Restore {
-                    brokers,
-                    users,
-                    partitions,
-                },
-        } => {
-            let r = crate::bench::restore(&brokers, users, partitions).await?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
+        BenchCommand::Restore {
+            brokers,
+            users,
+            partitions,
+        } => bench_restore(brokers, users, partitions).await,
+        BenchCommand::Memory {
+            users,
+            events_per_user,
+        } => bench_memory(users, events_per_user),
+    }
+}
+
+/// `segments`: a saved model's segments, with its value model's figures.
+fn run_segments(a: SegmentsArgs) -> anyhow::Result<()> {
+    let settings = RawConfig::load(a.config.as_deref())?.validate()?;
+    let engine = crate::engine::Engine::with_model(&settings, &a.model)
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let segments = engine.segments();
+    if !engine.is_seeded() {
+        anyhow::bail!(
+            "{}: the model has no segments yet (k-means had not seen model.init_events events from model.init_users users when it was saved)",
+            a.model.display()
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&segments)?);
+    } else {
+        // A model holds no users: sizes are each centroid's share of what it learnt from.
+        let shares = engine.segment_shares();
+        let (_, _, labels) = engine.value_errors();
+        let (calibration, log_loss) = engine.value_calibration();
+        let v = engine.value_validation();
+        println!(
+            "model version {}, value model: {labels} labels, calibration {calibration:.2}, Pearson {:.3}, normalised Gini {:.3}; propensity AUC {:.3}, log loss {log_loss:.3}",
+            engine.model_version(),
+            v.value_pearson,
+            v.value_normalised_gini,
+            v.propensity_auc,
+        );
+        if !v.deciles.is_empty() {
+            println!("value by tenth of labels (highest predicted first):");
             println!(
-                "{} users ({:.0} MB of state): full checkpoint written in {:.1} s, restored in {:.1} s ({:.0} users/s)",
-                r.users,
-                r.changelog_bytes as f64 / 1e6,
-                r.checkpoint_seconds,
-                r.restore_seconds,
-                r.users_per_second
+                "{:>8}  {:>14}  {:>11}",
+                "labels", "mean predicted", "mean actual"
             );
-            Ok(())
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Memory {
-                    users,
-                    events_per_user,
-                },
-        } => {
-            let r = crate::bench::memory(users, events_per_user)?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            println!(
-                "{} users: {:.0} bytes of resident memory per user ({:.0} events/s while filling)",
-                r.users, r.bytes_per_user, r.events_per_second
-            );
-            Ok(())
-        }
-        Command::Config {
-            command: ConfigCommand::Check { file },
-        } => {
-            let raw = RawConfig::load(file.as_deref())?;
-            let problems = raw.problems();
-            if !problems.is_empty() {
-                // Every problem once, so one run of `config check` shows all there is to fix.
-                let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                match all.as_slice() {
-                    [one] => anyhow::bail!("{one}"),
-                    _ => anyhow::bail!("{} problems:\n{}", all.len(), all.join("\n")),
-                }
+            for d in &v.deciles {
+                println!(
+                    "{:>8}  {:>14.2}  {:>11.2}",
+                    d.labels, d.mean_predicted, d.mean_actual
+                );
             }
-            let mut effective = raw.clone();
-            let settings = raw.validate()?;
-            // What librdkafka itself refuses: a missing feature, property or certificate file.
-            crate::kafka::check_clients(&settings)?;
-            // With what validation added (the CA probe for TLS without a CA).
-            effective.kafka = settings.kafka;
-            // Printed as TOML, the file's own format, secrets redacted: it can be saved and used.
-            print!("{}", effective.redacted_toml());
-            Ok(())
+        }
+        println!("{:>3}  {:>6}  {:<24} description", "id", "share", "action");
+        for s in segments {
+            println!(
+                "{:>3}  {:>5.1}%  {:<24} {}",
+                s.id,
+                100.0 * shares.get(s.id as usize).copied().unwrap_or(0.0),
+                s.action.as_deref().unwrap_or("-"),
+                s.label
+            );
         }
     }
+    Ok(())
+}
+
+/// `demo`: the whole pipeline on an embedded cluster, with a live summary.
+async fn run_demo(a: DemoArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let report = app::demo(
+        DemoOptions {
+            duration: a.duration,
+            rate: a.rate,
+            users: a.traffic.users,
+            malformed_ratio: a.traffic.malformed_ratio,
+            seed: a.traffic.seed,
+            http_bind: a.http_bind,
+        },
+        cancel,
+    )
+    .await?;
+    anyhow::ensure!(
+        report.segments_non_empty > 0,
+        "no segments formed: {report:?}"
+    );
+    Ok(())
+}
+
+/// `generate`: synthetic traffic to the input topics.
+async fn run_generate(a: GenerateArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let settings = a.config.load()?;
+    let s = app::generate(
+        &settings,
+        &GenerateOptions {
+            rate: a.rate,
+            users: a.traffic.users,
+            malformed_ratio: a.traffic.malformed_ratio,
+            seed: a.traffic.seed,
+            count: a.count,
+            create_topics: a.create_topics,
+        },
+        cancel,
+    )
+    .await?;
+    println!(
+        "sent {} records ({} malformed, {} failed)",
+        s.sent, s.malformed, s.failed
+    );
+    anyhow::ensure!(s.failed == 0, "{} records were not delivered", s.failed);
+    Ok(())
+}
+
+/// `replay`: NDJSON files through the engine in event-time order.
+fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
+    let settings = RawConfig::load(a.config.as_deref())?.validate()?;
+    let (engine, report) = replay::replay(
+        &settings,
+        &ReplayInputs {
+            clickstream: a.clickstream,
+            purchases: a.purchases,
+            social: a.social,
+        },
+        &ReplayOutputs {
+            changes: a.changes_out,
+            catalogue: a.catalogue_out,
+            users: a.users_out,
+            dead_letters: a.dead_letters_out,
+            model: a.save_model,
+        },
+        &ReplayOptions {
+            model: a.model,
+            until_ms: a
+                .until
+                .map(|u| {
+                    chrono::DateTime::parse_from_rfc3339(&u)
+                        .map(|t| t.timestamp_millis())
+                        .with_context(|| format!("--until {u}: expected RFC 3339"))
+                })
+                .transpose()?,
+        },
+    )?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    println!("segments:");
+    for s in engine.segments() {
+        println!(
+            "  {:>2}: {:>6} users  value {:>9.2}  p(buy) {:>5.1}%  {:<24} {}",
+            s.id,
+            s.size,
+            s.mean_predicted_value,
+            100.0 * s.mean_purchase_probability,
+            s.action.as_deref().unwrap_or("-"),
+            s.label
+        );
+    }
+    Ok(())
+}
+
+/// `retail`: the UCI Online Retail CSV as purchase events.
+fn run_retail(a: RetailArgs) -> anyhow::Result<()> {
+    let report = retail::convert(&a.input, &a.output, a.rejects.as_deref())
+        .with_context(|| format!("converting {}", a.input.display()))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// `bench broker`.
+async fn bench_broker(
+    brokers: String,
+    events: u64,
+    users: usize,
+    consumer_properties: Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    let r = crate::bench::broker(&brokers, events, users, &consumer_properties).await?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    println!(
+        "bare consumer {:.0} events/s, segstream {:.0} events/s: ratio {:.2}",
+        r.bare_consumer_events_per_second, r.segstream_events_per_second, r.ratio
+    );
+    println!(
+        "without checkpoints {:.0} events/s: checkpointing costs {:.1} % of throughput",
+        r.segstream_without_checkpoints_events_per_second,
+        100.0 * r.checkpoint_cost
+    );
+    println!(
+        "{:.2} us per message, of which decode + apply {:.2} us",
+        r.pipeline_us_per_message, r.decode_apply_us_per_message
+    );
+    Ok(())
+}
+
+/// `bench pipeline`.
+fn bench_pipeline(
+    events: usize,
+    users: usize,
+    threads: Option<usize>,
+    vectors_out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let r = crate::bench::pipeline(events, users, threads, vectors_out.as_deref())?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    println!(
+        "{} threads: {:.0} events/s, {:.0} events/s per core",
+        r.threads, r.events_per_second, r.events_per_second_per_core
+    );
+    Ok(())
+}
+
+/// `bench latency`.
+async fn bench_latency(
+    brokers: String,
+    rate: u64,
+    seconds: u64,
+    users: usize,
+    fetch_wait_ms: Option<u64>,
+    floor: bool,
+    checkpoint_interval: String,
+) -> anyhow::Result<()> {
+    let checkpoints = match checkpoint_interval.as_str() {
+        "off" => None,
+        s => Some(
+            humantime::parse_duration(s)
+                .map_err(|e| anyhow::anyhow!("--checkpoint-interval: {e}"))?,
+        ),
+    };
+    let options = crate::bench::LatencyOptions {
+        rate,
+        seconds,
+        users,
+        fetch_wait_ms,
+        floor,
+        checkpoints,
+    };
+    let r = crate::bench::latency(&brokers, &options).await?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    let what = if floor {
+        "event -> consumer of the input (no segstream)"
+    } else {
+        "event -> segment change at a subscriber"
+    };
+    println!(
+        "{} events/s: {what} p50 {:.0} ms, p99 {:.0} ms ({} timed)",
+        r.rate, r.p50_ms, r.p99_ms, r.changes
+    );
+    Ok(())
+}
+
+/// `bench restore`.
+async fn bench_restore(brokers: String, users: usize, partitions: i32) -> anyhow::Result<()> {
+    let r = crate::bench::restore(&brokers, users, partitions).await?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    println!(
+        "{} users ({:.0} MB of state): full checkpoint written in {:.1} s, restored in {:.1} s ({:.0} users/s)",
+        r.users,
+        r.changelog_bytes as f64 / 1e6,
+        r.checkpoint_seconds,
+        r.restore_seconds,
+        r.users_per_second
+    );
+    Ok(())
+}
+
+/// `bench memory`.
+fn bench_memory(users: usize, events_per_user: usize) -> anyhow::Result<()> {
+    let r = crate::bench::memory(users, events_per_user)?;
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    println!(
+        "{} users: {:.0} bytes of resident memory per user ({:.0} events/s while filling)",
+        r.users, r.bytes_per_user, r.events_per_second
+    );
+    Ok(())
+}
+
+/// `config check`: every problem of a configuration, or the effective configuration.
+fn run_config_check(file: Option<PathBuf>) -> anyhow::Result<()> {
+    let raw = RawConfig::load(file.as_deref())?;
+    let problems = raw.problems();
+    if !problems.is_empty() {
+        // Every problem once, so one run of `config check` shows all there is to fix.
+        let all: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        match all.as_slice() {
+            [one] => anyhow::bail!("{one}"),
+            _ => anyhow::bail!("{} problems:\n{}", all.len(), all.join("\n")),
+        }
+    }
+    let mut effective = raw.clone();
+    let settings = raw.validate()?;
+    // What librdkafka itself refuses: a missing feature, property or certificate file.
+    crate::kafka::check_clients(&settings)?;
+    // With what validation added (the CA probe for TLS without a CA).
+    effective.kafka = settings.kafka;
+    // Printed as TOML, the file's own format, secrets redacted: it can be saved and used.
+    print!("{}", effective.redacted_toml());
+    Ok(())
 }
 
 /// `KEY=VALUE` into its two halves.
