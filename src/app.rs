@@ -16,7 +16,7 @@ use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
+use rdkafka::producer::{DefaultProducerContext, DeliveryFuture, FutureRecord, Producer};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -214,34 +214,7 @@ struct SubscriberView {
 /// summary and a final report with the agreement (ARI) between segments and the generator's
 /// personas.
 pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Result<DemoReport> {
-    let cluster = MockCluster::new(1).context("starting the embedded kafka cluster")?;
-    let mut raw = RawConfig::default();
-    raw.kafka.brokers = cluster.bootstrap_servers();
-    raw.kafka.group_id = "segstream-demo".into();
-    raw.http.bind = opts.http_bind.clone();
-    // A demo lasts seconds, not months: let value labels mature (and sweeps run) in seconds.
-    raw.model.value_horizon = Duration::from_secs(5);
-    raw.model.sweep_interval = Duration::from_secs(5);
-    let settings = raw.validate()?;
-    let t = &settings.kafka.topics;
-    for topic in [
-        &t.clickstream,
-        &t.purchases,
-        &t.social,
-        &t.segment_changes,
-        &t.segment_catalogue,
-        &t.dead_letter,
-        &t.changelog,
-        &t.erasure,
-    ] {
-        cluster
-            .create_topic(topic, 3, 1)
-            .with_context(|| format!("creating topic {topic}"))?;
-    }
-    cluster
-        .create_topic(&t.model, 1, 1)
-        .context("creating the model topic")?;
-
+    let (cluster, settings) = demo_cluster(&opts)?;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let engine = Engine::new(&settings);
@@ -282,13 +255,59 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
         view.clone(),
         stop.child_token(),
     ));
+    live_summary(opts.duration, &cancel, &metrics, &view).await;
 
+    // Stop the traffic first, let the pipeline catch up (the report is on all the traffic, even
+    // on a loaded machine; after Ctrl-C it does not wait), then stop it.
+    gen_stop.cancel();
+    let sent = generator.await??;
+    catch_up(&metrics, sent.sent, &cancel).await;
+    stop.cancel();
+    let engine = pipeline.await??;
+    let _ = subscriber.await;
+    let _ = server.await;
+    let report = final_report(&engine, &metrics, &opts, &sent);
+    drop(cluster);
+    Ok(report)
+}
+
+/// The embedded cluster with every topic, and the demo's settings for it: value labels mature
+/// and sweeps run in seconds, not months.
+fn demo_cluster(
+    opts: &DemoOptions,
+) -> anyhow::Result<(MockCluster<'static, DefaultProducerContext>, Settings)> {
+    let cluster = MockCluster::new(1).context("starting the embedded kafka cluster")?;
+    let mut raw = RawConfig::default();
+    raw.kafka.brokers = cluster.bootstrap_servers();
+    raw.kafka.group_id = "segstream-demo".into();
+    raw.http.bind = opts.http_bind.clone();
+    raw.model.value_horizon = Duration::from_secs(5);
+    raw.model.sweep_interval = Duration::from_secs(5);
+    let settings = raw.validate()?;
+    for (key, topic) in settings.kafka.topics.all() {
+        // One partition for the models: one order of them.
+        let partitions = if key == "model" { 1 } else { 3 };
+        cluster
+            .create_topic(topic, partitions, 1)
+            .with_context(|| format!("creating topic {topic}"))?;
+    }
+
+    Ok((cluster, settings))
+}
+
+/// A summary line every 2 s until `duration` passes or `cancel` fires.
+async fn live_summary(
+    duration: Option<Duration>,
+    cancel: &CancellationToken,
+    metrics: &Metrics,
+    view: &Arc<Mutex<SubscriberView>>,
+) {
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs(2));
     ticker.tick().await;
     let mut last = (Instant::now(), 0u64);
     loop {
-        let deadline = opts.duration.map(|d| started + d);
+        let deadline = duration.map(|d| started + d);
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
@@ -298,32 +317,34 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
         let consumed = metrics.consumed_total();
         let rate = (consumed - last.1) as f64 / last.0.elapsed().as_secs_f64();
         last = (Instant::now(), consumed);
-        print_summary(started.elapsed(), rate, &metrics, &view);
+        print_summary(started.elapsed(), rate, metrics, view);
     }
+}
 
-    // Stop the traffic first, let the pipeline catch up (the report is on all the traffic, even
-    // on a loaded machine; after Ctrl-C it does not wait), then stop it.
-    gen_stop.cancel();
-    let sent = generator.await??;
-    let catch_up = Instant::now();
-    while metrics.consumed_total() < sent.sent
-        && catch_up.elapsed() < DEMO_CATCH_UP
+/// Waits (at most [`DEMO_CATCH_UP`], not after Ctrl-C) until the pipeline consumed `sent`.
+async fn catch_up(metrics: &Metrics, sent: u64, cancel: &CancellationToken) {
+    let started = Instant::now();
+    while metrics.consumed_total() < sent
+        && started.elapsed() < DEMO_CATCH_UP
         && !cancel.is_cancelled()
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if metrics.consumed_total() < sent.sent {
+    if metrics.consumed_total() < sent {
         println!(
-            "stopped with {} of {} records consumed",
+            "stopped with {} of {sent} records consumed",
             metrics.consumed_total(),
-            sent.sent
         );
     }
-    stop.cancel();
-    let engine = pipeline.await??;
-    let _ = subscriber.await;
-    let _ = server.await;
+}
 
+/// The final segments, the counts and the agreement with the generator's personas, printed.
+fn final_report(
+    engine: &Engine,
+    metrics: &Metrics,
+    opts: &DemoOptions,
+    sent: &GenerateSummary,
+) -> DemoReport {
     let truth = Generator::new(opts.seed, opts.users, opts.malformed_ratio);
     let (mut seg, mut persona) = (Vec::new(), Vec::new());
     for u in engine.dump() {
@@ -369,8 +390,7 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
         truth.personas().len(),
         report.ari
     );
-    drop(cluster);
-    Ok(report)
+    report
 }
 
 fn print_summary(
@@ -480,44 +500,25 @@ pub fn settings_with(brokers: &str, prefix: &str, properties: &[(String, String)
             .map(|&(key, value)| (key.to_owned(), value.to_owned())),
     );
     raw.kafka.group_id = format!("{prefix}-group");
-    raw.kafka.topics.clickstream = format!("{prefix}-clickstream");
-    raw.kafka.topics.purchases = format!("{prefix}-purchases");
-    raw.kafka.topics.social = format!("{prefix}-social");
-    raw.kafka.topics.segment_changes = format!("{prefix}-segment-changes");
-    raw.kafka.topics.segment_catalogue = format!("{prefix}-segment-catalogue");
-    raw.kafka.topics.dead_letter = format!("{prefix}-dead-letter");
-    raw.kafka.topics.changelog = format!("{prefix}-changelog");
-    raw.kafka.topics.model = format!("{prefix}-model");
-    raw.kafka.topics.erasure = format!("{prefix}-erasure");
+    for (key, name) in raw.kafka.topics.all_mut() {
+        *name = format!("{prefix}-{}", key.replace('_', "-"));
+    }
     raw.http.bind = "127.0.0.1:0".into();
     raw.validate().expect("generated settings are valid")
 }
 
 /// Creates all topics of `settings` (tests, demo-like setups).
 pub async fn create_all_topics(settings: &Settings, partitions: i32) -> anyhow::Result<()> {
-    let t = &settings.kafka.topics;
-    kafka::ensure_topics(
-        &settings.kafka.brokers,
-        &settings.kafka.properties,
-        &[
-            &t.clickstream,
-            &t.purchases,
-            &t.social,
-            &t.segment_changes,
-            &t.segment_catalogue,
-            &t.dead_letter,
-            &t.changelog,
-            &t.erasure,
-        ],
-        partitions,
-    )
-    .await?;
-    kafka::ensure_topics(
-        &settings.kafka.brokers,
-        &settings.kafka.properties,
-        &[&t.model],
-        1,
-    )
-    .await?;
+    let k = &settings.kafka;
+    // One partition for the models: one order of them.
+    let (model, others): (Vec<_>, Vec<_>) = k
+        .topics
+        .all()
+        .into_iter()
+        .partition(|(key, _)| *key == "model");
+    for (topics, partitions) in [(others, partitions), (model, 1)] {
+        let names: Vec<&str> = topics.into_iter().map(|(_, name)| name.as_str()).collect();
+        kafka::ensure_topics(&k.brokers, &k.properties, &names, partitions).await?;
+    }
     Ok(())
 }

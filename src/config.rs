@@ -119,6 +119,39 @@ pub struct TopicsConfig {
     pub erasure: String,
 }
 
+impl TopicsConfig {
+    /// Every topic by its key under `kafka.topics`: the inputs, the outputs, then the state
+    /// topics. The one list of them; what each is for is `topics.rs`.
+    pub fn all(&self) -> [(&'static str, &String); 9] {
+        [
+            ("clickstream", &self.clickstream),
+            ("purchases", &self.purchases),
+            ("social", &self.social),
+            ("segment_changes", &self.segment_changes),
+            ("segment_catalogue", &self.segment_catalogue),
+            ("dead_letter", &self.dead_letter),
+            ("changelog", &self.changelog),
+            ("erasure", &self.erasure),
+            ("model", &self.model),
+        ]
+    }
+
+    /// [`TopicsConfig::all`], to rename them.
+    pub fn all_mut(&mut self) -> [(&'static str, &mut String); 9] {
+        [
+            ("clickstream", &mut self.clickstream),
+            ("purchases", &mut self.purchases),
+            ("social", &mut self.social),
+            ("segment_changes", &mut self.segment_changes),
+            ("segment_catalogue", &mut self.segment_catalogue),
+            ("dead_letter", &mut self.dead_letter),
+            ("changelog", &mut self.changelog),
+            ("erasure", &mut self.erasure),
+            ("model", &mut self.model),
+        ]
+    }
+}
+
 impl Default for TopicsConfig {
     fn default() -> Self {
         Self {
@@ -704,17 +737,7 @@ impl RawConfig {
         if k.group_id.trim().is_empty() {
             errors.push(ConfigError::NoGroup);
         }
-        let topics = [
-            ("clickstream", &k.topics.clickstream),
-            ("purchases", &k.topics.purchases),
-            ("social", &k.topics.social),
-            ("segment_changes", &k.topics.segment_changes),
-            ("segment_catalogue", &k.topics.segment_catalogue),
-            ("dead_letter", &k.topics.dead_letter),
-            ("changelog", &k.topics.changelog),
-            ("model", &k.topics.model),
-            ("erasure", &k.topics.erasure),
-        ];
+        let topics = k.topics.all();
         for (i, (key, name)) in topics.iter().enumerate() {
             if name.trim().is_empty() {
                 errors.push(ConfigError::EmptyTopic(key));

@@ -179,10 +179,6 @@ impl Generator {
         &self.personas
     }
 
-    pub fn user_count(&self) -> usize {
-        self.user_persona.len()
-    }
-
     pub fn user_name(i: usize) -> String {
         format!("user-{i}")
     }

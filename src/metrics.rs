@@ -594,12 +594,6 @@ impl Metrics {
         self.value_gini.set(r.value_normalised_gini);
         self.value_pearson.set(r.value_pearson);
     }
-    pub fn duplicates_total(&self) -> u64 {
-        Source::ALL
-            .iter()
-            .map(|s| self.duplicates.with_label_values(&[s.as_str()]).get())
-            .sum()
-    }
     pub fn observe_processing(&self, seconds: f64) {
         self.processing.observe(seconds);
     }
@@ -670,10 +664,6 @@ impl Metrics {
     }
     pub fn checkpoint_failed(&self) {
         self.checkpoint_failures.inc();
-    }
-    pub fn checkpoints_total(&self) -> u64 {
-        self.checkpoints.with_label_values(&["full"]).get()
-            + self.checkpoints.with_label_values(&["delta"]).get()
     }
     /// Refreshes the checkpoint-age gauge.
     pub fn set_checkpoint_age(&self, now_ms: i64) {

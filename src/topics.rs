@@ -35,32 +35,28 @@ pub struct Topic {
 
 /// The topics `settings` uses: inputs and outputs, and the state topics with checkpoints on.
 pub fn of(settings: &Settings) -> Vec<Topic> {
-    let t = &settings.kafka.topics;
-    let topic = |key, name: &String, role, copartitioned| Topic {
-        key,
-        name: name.clone(),
-        role,
-        copartitioned,
+    let topic = |(key, name): (&'static str, &String)| {
+        let (role, copartitioned) = match key {
+            "clickstream" | "purchases" | "social" => (Role::Input, true),
+            "changelog" | "erasure" => (Role::State, true),
+            "model" => (Role::State, false),
+            _ => (Role::Output, false),
+        };
+        let used = role != Role::State || settings.state.checkpoints;
+        used.then(|| Topic {
+            key,
+            name: name.clone(),
+            role,
+            copartitioned,
+        })
     };
-    let mut all = vec![
-        topic("clickstream", &t.clickstream, Role::Input, true),
-        topic("purchases", &t.purchases, Role::Input, true),
-        topic("social", &t.social, Role::Input, true),
-        topic("segment_changes", &t.segment_changes, Role::Output, false),
-        topic(
-            "segment_catalogue",
-            &t.segment_catalogue,
-            Role::Output,
-            false,
-        ),
-        topic("dead_letter", &t.dead_letter, Role::Output, false),
-    ];
-    if settings.state.checkpoints {
-        all.push(topic("changelog", &t.changelog, Role::State, true));
-        all.push(topic("erasure", &t.erasure, Role::State, true));
-        all.push(topic("model", &t.model, Role::State, false));
-    }
-    all
+    settings
+        .kafka
+        .topics
+        .all()
+        .into_iter()
+        .filter_map(topic)
+        .collect()
 }
 
 /// Whether `create` lets segstream create a topic of `role`.
