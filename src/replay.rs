@@ -97,55 +97,70 @@ pub fn replay(
     outputs: &ReplayOutputs,
     options: &ReplayOptions,
 ) -> anyhow::Result<(Engine, ReplayReport)> {
-    let decoder = Decoder::new(settings.decode.clone());
     let mut report = ReplayReport::default();
-    let mut dead = open_out(&outputs.dead_letters)?;
-    let mut events: Vec<(i64, Source, u64, Event)> = Vec::new();
+    let mut out = Sinks::open(outputs)?;
+    let events = read_events(settings, inputs, options, &mut report, &mut out)?;
+    let mut engine = match &options.model {
+        Some(path) => Engine::with_model(settings, path)
+            .with_context(|| format!("loading model {}", path.display()))?,
+        None => Engine::new(settings),
+    };
+    let started = std::time::Instant::now();
+    apply_all(&mut engine, &events, &mut report, &mut out)?;
+    // The final state is "as of" the cut-off (or the last event): idle users decayed to it.
+    if let Some(end) = options.until_ms.or(events.last().map(|e| e.0)) {
+        out.changes(engine.advance_to(end, end), &mut report)?;
+    }
+    out.catalogue(&mut engine, &mut report)?;
+    out.flush()?;
+    write_final(&engine, outputs)?;
+    tracing::info!(
+        events = events.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "Replay done."
+    );
+    summarise(&engine, &mut report);
+    warn_if_young(settings, &engine, events.len());
+    Ok((engine, report))
+}
+
+/// An input event with its time, topic and line number (the sort key).
+type Timed = (i64, Source, u64, Event);
+
+/// Every input file's valid events, in event-time order (ties keep the topic and then the file
+/// order, so replay is deterministic), up to the cut-off; unusable lines are dead-lettered.
+fn read_events(
+    settings: &Settings,
+    inputs: &ReplayInputs,
+    options: &ReplayOptions,
+    report: &mut ReplayReport,
+    out: &mut Sinks,
+) -> anyhow::Result<Vec<Timed>> {
+    let decoder = Decoder::new(settings.decode.clone());
+    let mut events: Vec<Timed> = Vec::new();
     for (source, path) in [
         (Source::Clickstream, &inputs.clickstream),
         (Source::Purchases, &inputs.purchases),
         (Source::Social, &inputs.social),
     ] {
         let Some(path) = path else { continue };
-        read_file(source, path, &decoder, &mut report, &mut dead, &mut events)?;
+        read_file(source, path, &decoder, report, &mut out.dead, &mut events)?;
     }
-    // Event-time order; ties keep the topic and then the file order, so replay is deterministic.
     events.sort_by_key(|(t, s, n, _)| (*t, *s, *n));
     if let Some(until) = options.until_ms {
         events.retain(|(t, ..)| *t <= until);
     }
+    Ok(events)
+}
 
-    let mut engine = match &options.model {
-        Some(path) => Engine::with_model(settings, path)
-            .with_context(|| format!("loading model {}", path.display()))?,
-        None => Engine::new(settings),
-    };
-    let mut changes = open_out(&outputs.changes)?;
-    let mut write_changes =
-        |list: Vec<crate::event::SegmentChange>, report: &mut ReplayReport| -> anyhow::Result<()> {
-            for change in list {
-                report.changes += 1;
-                if let Some(w) = changes.as_mut() {
-                    serde_json::to_writer(&mut *w, &change)?;
-                    w.write_all(b"\n")?;
-                }
-            }
-            Ok(())
-        };
-    let mut catalogue = open_out(&outputs.catalogue)?;
-    let mut write_catalogue =
-        |engine: &mut Engine, report: &mut ReplayReport| -> anyhow::Result<()> {
-            for record in engine.take_catalogue() {
-                report.catalogue_records += 1;
-                if let Some(w) = catalogue.as_mut() {
-                    serde_json::to_writer(&mut *w, &record)?;
-                    w.write_all(b"\n")?;
-                }
-            }
-            Ok(())
-        };
-    let started = std::time::Instant::now();
-    let mut last_report = started;
+/// Applies the events in order, writing what they cause.
+fn apply_all(
+    engine: &mut Engine,
+    events: &[Timed],
+    report: &mut ReplayReport,
+    out: &mut Sinks,
+) -> anyhow::Result<()> {
+    let mut last_report = std::time::Instant::now();
     for (i, (t, source, n, event)) in events.iter().enumerate() {
         if i % 65_536 == 0 && last_report.elapsed() >= std::time::Duration::from_secs(5) {
             last_report = std::time::Instant::now();
@@ -170,40 +185,90 @@ pub fn replay(
                         .invalid
                         .entry(DecodeError::TooLate.code())
                         .or_default() += 1;
-                    if let Some(w) = dead.as_mut() {
-                        let d = DeadLetter {
-                            source: source.as_str(),
-                            file: "",
-                            line: *n,
-                            error_code: DecodeError::TooLate.code(),
-                            error_message: DecodeError::TooLate.to_string(),
-                            value: event.event_id(),
-                        };
-                        serde_json::to_writer(&mut *w, &d)?;
-                        w.write_all(b"\n")?;
-                    }
+                    out.too_late(*source, *n, event)?;
                 }
             }
         }
-        write_changes(applied.changes, &mut report)?;
+        out.changes(applied.changes, report)?;
         if engine.has_catalogue() {
-            write_catalogue(&mut engine, &mut report)?;
+            out.catalogue(engine, report)?;
         }
     }
-    // The final state is "as of" the cut-off (or the last event): idle users decayed to it.
-    if let Some(end) = options.until_ms.or(events.last().map(|e| e.0)) {
-        write_changes(engine.advance_to(end, end), &mut report)?;
+    Ok(())
+}
+
+/// The replay's NDJSON outputs, each written if asked for.
+struct Sinks {
+    changes: Option<BufWriter<File>>,
+    catalogue: Option<BufWriter<File>>,
+    dead: Option<BufWriter<File>>,
+}
+
+impl Sinks {
+    fn open(outputs: &ReplayOutputs) -> anyhow::Result<Self> {
+        Ok(Self {
+            changes: open_out(&outputs.changes)?,
+            catalogue: open_out(&outputs.catalogue)?,
+            dead: open_out(&outputs.dead_letters)?,
+        })
     }
-    write_catalogue(&mut engine, &mut report)?;
-    if let Some(mut w) = changes {
-        w.flush()?;
+
+    fn changes(
+        &mut self,
+        list: Vec<crate::event::SegmentChange>,
+        report: &mut ReplayReport,
+    ) -> anyhow::Result<()> {
+        for change in list {
+            report.changes += 1;
+            if let Some(w) = self.changes.as_mut() {
+                serde_json::to_writer(&mut *w, &change)?;
+                w.write_all(b"\n")?;
+            }
+        }
+        Ok(())
     }
-    if let Some(mut w) = catalogue {
-        w.flush()?;
+
+    fn catalogue(&mut self, engine: &mut Engine, report: &mut ReplayReport) -> anyhow::Result<()> {
+        for record in engine.take_catalogue() {
+            report.catalogue_records += 1;
+            if let Some(w) = self.catalogue.as_mut() {
+                serde_json::to_writer(&mut *w, &record)?;
+                w.write_all(b"\n")?;
+            }
+        }
+        Ok(())
     }
-    if let Some(mut w) = dead {
-        w.flush()?;
+
+    /// A dead letter for an event the late policy refused.
+    fn too_late(&mut self, source: Source, line: u64, event: &Event) -> anyhow::Result<()> {
+        if let Some(w) = self.dead.as_mut() {
+            let d = DeadLetter {
+                source: source.as_str(),
+                file: "",
+                line,
+                error_code: DecodeError::TooLate.code(),
+                error_message: DecodeError::TooLate.to_string(),
+                value: event.event_id(),
+            };
+            serde_json::to_writer(&mut *w, &d)?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
     }
+
+    fn flush(self) -> anyhow::Result<()> {
+        for mut w in [self.changes, self.catalogue, self.dead]
+            .into_iter()
+            .flatten()
+        {
+            w.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// The users' final states and the models, if asked for.
+fn write_final(engine: &Engine, outputs: &ReplayOutputs) -> anyhow::Result<()> {
     if let Some(path) = &outputs.users {
         let mut w = open_out(&Some(path.clone()))?.expect("path given");
         for u in engine.dump() {
@@ -217,11 +282,11 @@ pub fn replay(
             .save_model(path)
             .with_context(|| format!("saving model to {}", path.display()))?;
     }
-    tracing::info!(
-        events = events.len(),
-        seconds = started.elapsed().as_secs_f64(),
-        "Replay done."
-    );
+    Ok(())
+}
+
+/// The engine's figures into the report.
+fn summarise(engine: &Engine, report: &mut ReplayReport) {
     let c = engine.counters();
     let (mae, rmse, labels) = engine.value_errors();
     let (inertia, assigned) = engine.inertia();
@@ -235,22 +300,26 @@ pub fn replay(
     report.value_labels = labels;
     (report.value_calibration, report.purchase_log_loss) = engine.value_calibration();
     report.validation = engine.value_validation();
+}
+
+/// Says so when the history was too short for segments or for the value model.
+fn warn_if_young(settings: &Settings, engine: &Engine, events: usize) {
     if !engine.is_seeded() {
         tracing::warn!(
-            events = events.len(),
+            events,
             init_users = settings.model.init_users,
             init_events = settings.model.init_events,
             "No segments yet: k-means seeds after model.init_events events from model.init_users users, which this history does not reach. A saved model has no segments; replay more history or lower them."
         );
     }
     if engine.value_source() != "model" {
+        let (_, _, labels) = engine.value_errors();
         tracing::warn!(
             labels,
             value_source = engine.value_source(),
             "Few value labels matured (a label needs model.value_horizon of event time after an event): predicted values are still partly or wholly each user's recent spend rate over the horizon."
         );
     }
-    Ok((engine, report))
 }
 
 fn read_file(
