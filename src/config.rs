@@ -722,143 +722,17 @@ impl RawConfig {
     /// Every rule this configuration breaks, in the order of the file's sections (empty: valid).
     pub fn problems(&self) -> Vec<ConfigError> {
         let mut errors = Vec::new();
-        let k = &self.kafka;
-        if k.brokers.split(',').any(|b| b.trim().is_empty()) {
-            errors.push(ConfigError::NoBrokers);
-        }
-        if self
-            .http
-            .token
-            .as_deref()
-            .is_some_and(|t| t.trim().is_empty())
-        {
-            errors.push(ConfigError::EmptyToken);
-        }
-        if k.group_id.trim().is_empty() {
-            errors.push(ConfigError::NoGroup);
-        }
-        let topics = k.topics.all();
-        for (i, (key, name)) in topics.iter().enumerate() {
-            if name.trim().is_empty() {
-                errors.push(ConfigError::EmptyTopic(key));
-            }
-            if topics[..i].iter().any(|(_, other)| other == name) {
-                errors.push(ConfigError::DuplicateTopic((*name).clone()));
-            }
-        }
+        kafka_problems(&self.kafka, &mut errors);
         if self.decode.max_message_bytes < 64 {
             errors.push(ConfigError::MessageLimit);
         }
-        let h = &self.features.half_lives;
-        if h[0] < Duration::from_secs(1) || h[0] > h[1] || h[1] > h[2] {
-            errors.push(ConfigError::HalfLife);
-        }
-        let w = &self.features.weights;
-        for (key, v) in [
-            ("behaviour", w.behaviour),
-            ("purchases", w.purchases),
-            ("category", w.category),
-            ("social", w.social),
-            ("text", w.text),
-            ("embedding", w.embedding),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                errors.push(ConfigError::Weight(key));
-            }
-        }
-        let m = &self.model;
-        if !(2..=256).contains(&m.k) {
-            errors.push(ConfigError::K(m.k));
-        }
-        if m.init_users < m.k {
-            errors.push(ConfigError::InitUsers {
-                k: m.k,
-                got: m.init_users,
-            });
-        }
-        if m.init_events < m.init_users as u64 {
-            errors.push(ConfigError::InitEvents {
-                users: m.init_users,
-                got: m.init_events,
-            });
-        }
-        if m.batch_size == 0 {
-            errors.push(ConfigError::BatchSize);
-        }
-        if !(0.0..1.0).contains(&m.hysteresis) {
-            errors.push(ConfigError::Hysteresis(m.hysteresis));
-        }
-        for (key, v) in [
-            ("sgd_learning_rate", m.sgd_learning_rate),
-            ("clip_z", m.clip_z),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                errors.push(ConfigError::Positive(key));
-            }
-        }
-        if !(m.sgd_l2.is_finite() && m.sgd_l2 >= 0.0) {
-            errors.push(ConfigError::L2);
-        }
-        for (key, d) in [
-            ("forgetting_half_life", m.forgetting_half_life),
-            ("sweep_interval", m.sweep_interval),
-            ("value_horizon", m.value_horizon),
-        ] {
-            if d < Duration::from_secs(1) {
-                errors.push(ConfigError::Interval(key));
-            }
-        }
-        for (i, rule) in m.actions.iter().enumerate() {
-            if let Some(f) = &rule.feature {
-                if crate::features::feature_index(f).is_none() {
-                    errors.push(ConfigError::ActionFeature(i, f.clone()));
-                }
-            }
-        }
+        feature_problems(&self.features, &mut errors);
+        model_problems(&self.model, &mut errors);
         if self.pipeline.max_in_flight == 0 {
             errors.push(ConfigError::InFlight);
         }
-        let st = &self.state;
-        if st.full_checkpoint_every == 0 {
-            errors.push(ConfigError::StateCount("full_checkpoint_every"));
-        }
-        if st.max_users == 0 {
-            errors.push(ConfigError::StateCount("max_users"));
-        }
-        for (key, d) in [
-            ("checkpoint_interval", st.checkpoint_interval),
-            ("changelog_retention", st.changelog_retention),
-            ("model_retention", st.model_retention),
-            ("ttl", st.ttl),
-        ] {
-            if d < Duration::from_millis(100) {
-                errors.push(ConfigError::StateInterval(key));
-            }
-        }
-        if self.http.bind.parse::<SocketAddr>().is_err() {
-            errors.push(ConfigError::Bind(self.http.bind.clone()));
-        }
-        if k.replication_factor == 0 || k.replication_factor < -1 {
-            errors.push(ConfigError::Replication);
-        }
-        if k.input_partitions < 1 {
-            errors.push(ConfigError::InputPartitions);
-        }
-        for peer in &self.http.peers {
-            let port = peer
-                .rsplit_once(':')
-                .map(|(host, port)| (host, port.parse::<u16>()));
-            if !matches!(port, Some((host, Ok(_))) if !host.trim().is_empty()) {
-                errors.push(ConfigError::Peer(peer.clone()));
-            }
-        }
-        if let Err(e) = crate::security::checked(
-            &k.properties,
-            &k.consumer_properties,
-            &k.producer_properties,
-        ) {
-            errors.push(e.into());
-        }
+        state_problems(&self.state, &mut errors);
+        http_problems(&self.http, &mut errors);
         errors
     }
 
@@ -939,6 +813,149 @@ impl RawConfig {
         let mut v = self.redacted_json();
         drop_nulls(&mut v);
         toml::to_string_pretty(&v).unwrap_or_else(|e| format!("# not printable as TOML: {e}\n"))
+    }
+}
+
+/// `kafka`: brokers, group, topics (named, distinct), replication, partitions, security.
+fn kafka_problems(k: &KafkaConfig, errors: &mut Vec<ConfigError>) {
+    if k.brokers.split(',').any(|b| b.trim().is_empty()) {
+        errors.push(ConfigError::NoBrokers);
+    }
+    if k.group_id.trim().is_empty() {
+        errors.push(ConfigError::NoGroup);
+    }
+    let topics = k.topics.all();
+    for (i, (key, name)) in topics.iter().enumerate() {
+        if name.trim().is_empty() {
+            errors.push(ConfigError::EmptyTopic(key));
+        }
+        if topics[..i].iter().any(|(_, other)| other == name) {
+            errors.push(ConfigError::DuplicateTopic((*name).clone()));
+        }
+    }
+    if k.replication_factor == 0 || k.replication_factor < -1 {
+        errors.push(ConfigError::Replication);
+    }
+    if k.input_partitions < 1 {
+        errors.push(ConfigError::InputPartitions);
+    }
+    if let Err(e) = crate::security::checked(
+        &k.properties,
+        &k.consumer_properties,
+        &k.producer_properties,
+    ) {
+        errors.push(e.into());
+    }
+}
+
+/// `features`: half-lives in order, group weights finite and non-negative.
+fn feature_problems(f: &FeatureConfig, errors: &mut Vec<ConfigError>) {
+    let h = &f.half_lives;
+    if h[0] < Duration::from_secs(1) || h[0] > h[1] || h[1] > h[2] {
+        errors.push(ConfigError::HalfLife);
+    }
+    let w = &f.weights;
+    for (key, v) in [
+        ("behaviour", w.behaviour),
+        ("purchases", w.purchases),
+        ("category", w.category),
+        ("social", w.social),
+        ("text", w.text),
+        ("embedding", w.embedding),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            errors.push(ConfigError::Weight(key));
+        }
+    }
+}
+
+/// `model`: k, seeding, learning rates, intervals, action rules naming real features.
+fn model_problems(m: &ModelConfig, errors: &mut Vec<ConfigError>) {
+    if !(2..=256).contains(&m.k) {
+        errors.push(ConfigError::K(m.k));
+    }
+    if m.init_users < m.k {
+        errors.push(ConfigError::InitUsers {
+            k: m.k,
+            got: m.init_users,
+        });
+    }
+    if m.init_events < m.init_users as u64 {
+        errors.push(ConfigError::InitEvents {
+            users: m.init_users,
+            got: m.init_events,
+        });
+    }
+    if m.batch_size == 0 {
+        errors.push(ConfigError::BatchSize);
+    }
+    if !(0.0..1.0).contains(&m.hysteresis) {
+        errors.push(ConfigError::Hysteresis(m.hysteresis));
+    }
+    for (key, v) in [
+        ("sgd_learning_rate", m.sgd_learning_rate),
+        ("clip_z", m.clip_z),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            errors.push(ConfigError::Positive(key));
+        }
+    }
+    if !(m.sgd_l2.is_finite() && m.sgd_l2 >= 0.0) {
+        errors.push(ConfigError::L2);
+    }
+    for (key, d) in [
+        ("forgetting_half_life", m.forgetting_half_life),
+        ("sweep_interval", m.sweep_interval),
+        ("value_horizon", m.value_horizon),
+    ] {
+        if d < Duration::from_secs(1) {
+            errors.push(ConfigError::Interval(key));
+        }
+    }
+    for (i, rule) in m.actions.iter().enumerate() {
+        if let Some(f) = &rule.feature {
+            if crate::features::feature_index(f).is_none() {
+                errors.push(ConfigError::ActionFeature(i, f.clone()));
+            }
+        }
+    }
+}
+
+/// `state`: counts and intervals.
+fn state_problems(st: &StateConfig, errors: &mut Vec<ConfigError>) {
+    if st.full_checkpoint_every == 0 {
+        errors.push(ConfigError::StateCount("full_checkpoint_every"));
+    }
+    if st.max_users == 0 {
+        errors.push(ConfigError::StateCount("max_users"));
+    }
+    for (key, d) in [
+        ("checkpoint_interval", st.checkpoint_interval),
+        ("changelog_retention", st.changelog_retention),
+        ("model_retention", st.model_retention),
+        ("ttl", st.ttl),
+    ] {
+        if d < Duration::from_millis(100) {
+            errors.push(ConfigError::StateInterval(key));
+        }
+    }
+}
+
+/// `http`: a non-empty token if set, the bind address, peers as host:port.
+fn http_problems(h: &HttpConfig, errors: &mut Vec<ConfigError>) {
+    if h.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        errors.push(ConfigError::EmptyToken);
+    }
+    if h.bind.parse::<SocketAddr>().is_err() {
+        errors.push(ConfigError::Bind(h.bind.clone()));
+    }
+    for peer in &h.peers {
+        let port = peer
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        if !matches!(port, Some((host, Ok(_))) if !host.trim().is_empty()) {
+            errors.push(ConfigError::Peer(peer.clone()));
+        }
     }
 }
 
