@@ -1,9 +1,9 @@
 //! Configuration: the raw, documented serde structs and their validation into [`Settings`].
 //!
-//! Layering, lowest first: built-in defaults (the `default_*` functions in `sections.rs`) < the config file
-//! (`--config FILE`, TOML) < environment variables `SEGSTREAM__SECTION__KEY` (for example
-//! `SEGSTREAM__KAFKA__BROKERS=host:9092`) < command-line flags. The result is validated once into
-//! [`Settings`]; nothing else reads configuration, and there is no global config.
+//! Layering, lowest first: built-in defaults (the `default_*` functions in `sections.rs`) < the
+//! config file (`--config FILE`, TOML) < environment variables `SEGSTREAM__SECTION__KEY` (for
+//! example `SEGSTREAM__KAFKA__BROKERS=host:9092`) < command-line flags. The result is validated
+//! once into [`Settings`]; nothing else reads configuration, and there is no global config.
 //!
 //! Rooms: this file holds `RawConfig` and how it is loaded and shown (secrets redacted);
 //! `sections` the documented sections with their defaults; `validate` the rules (one
