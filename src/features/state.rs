@@ -5,7 +5,9 @@ use super::layout::*;
 use super::params::FeatureParams;
 use super::text::*;
 use super::vector::{features_as_f64, to_f16};
-use crate::event::{ClickKind, Event, OrderStatus, SocialAction};
+use crate::event::{
+    ClickEvent, ClickKind, Event, OrderStatus, PurchaseEvent, SocialAction, SocialEvent,
+};
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
@@ -145,7 +147,24 @@ impl UserState {
     /// Folds one validated event into the state.
     pub fn apply(&mut self, event: &Event, p: &FeatureParams) {
         let t = event.event_time();
-        // Weight of this event at the reference time per half-life (1 when it is the newest).
+        let w = self.advance_to(t, p);
+        self.first_event_ms = if self.events == 0 {
+            t
+        } else {
+            self.first_event_ms.min(t)
+        };
+        self.events += 1;
+        self.remember(event.event_id());
+        match event {
+            Event::Click(c) => self.add_click(c, t, w, p),
+            Event::Purchase(o) => self.add_purchase(o, t, w),
+            Event::Social(s) => self.add_social(s, w, p),
+        }
+    }
+
+    /// Moves the reference time to `t` if it is later (decaying every sum to it); the weight of
+    /// an event at `t` at the reference time, per half-life (1 when it is the newest).
+    fn advance_to(&mut self, t: i64, p: &FeatureParams) -> [f64; HALF_LIVES] {
         let mut w = [1.0; HALF_LIVES];
         if self.events == 0 || t >= self.anchor_ms {
             if self.events > 0 {
@@ -157,116 +176,117 @@ impl UserState {
                 w[h] = d.factor(self.anchor_ms - t);
             }
         }
+        w
+    }
+
+    /// Behaviour counters, the session count, category affinity, search text and embedding.
+    fn add_click(&mut self, c: &ClickEvent, t: i64, w: [f64; HALF_LIVES], p: &FeatureParams) {
         let (wm, wl) = (w[1], w[2]);
-        self.first_event_ms = if self.events == 0 {
-            t
-        } else {
-            self.first_event_ms.min(t)
+        let (idx, cat_w) = match c.kind {
+            ClickKind::View => (Some(0), 1.0),
+            ClickKind::Search => (Some(1), 0.0),
+            ClickKind::AddToCart => (Some(2), 2.0),
+            ClickKind::RemoveFromCart => (None, 0.0),
+            ClickKind::CheckoutStart => (Some(3), 2.0),
         };
-        self.events += 1;
-        self.remember(event.event_id());
-        match event {
-            Event::Click(c) => {
-                let (idx, cat_w) = match c.kind {
-                    ClickKind::View => (Some(0), 1.0),
-                    ClickKind::Search => (Some(1), 0.0),
-                    ClickKind::AddToCart => (Some(2), 2.0),
-                    ClickKind::RemoveFromCart => (None, 0.0),
-                    ClickKind::CheckoutStart => (Some(3), 2.0),
-                };
-                let session = fnv1a(c.session_id.bytes()) | 1;
-                // Weight to add to the session count per half-life: the session's first event
-                // counts it; an earlier event of a known session moves the count to its time.
-                let mut session_w = [0.0; HALF_LIVES];
-                match self.recent_sessions.iter_mut().find(|(h, _)| *h == session) {
-                    None => {
-                        self.recent_sessions.rotate_right(1);
-                        self.recent_sessions[0] = (session, t);
-                        session_w = w;
-                    }
-                    Some((_, first)) if t < *first => {
-                        for (h, d) in p.decays.iter().enumerate() {
-                            let at_first = d.factor(self.anchor_ms - *first);
-                            session_w[h] = w[h] - at_first;
-                        }
-                        *first = t;
-                    }
-                    Some(_) => {}
-                }
-                for h in 0..HALF_LIVES {
-                    if let Some(i) = idx {
-                        self.behaviour[h][i] += w[h];
-                    }
-                    self.behaviour[h][4] += w[h] * c.dwell_ms as f64 / 60_000.0;
-                    self.behaviour[h][5] += session_w[h];
-                }
-                if cat_w > 0.0 && !c.category.is_empty() {
-                    self.category[category_bucket(&c.category)] += wl * cat_w;
-                }
-                if let Some(text) = &c.search_text {
-                    self.add_text(text, wm);
-                }
-                if let Some(e) = &c.embedding {
-                    self.add_embedding(e, wm, p);
-                }
+        let session = fnv1a(c.session_id.bytes()) | 1;
+        // Weight to add to the session count per half-life: the session's first event
+        // counts it; an earlier event of a known session moves the count to its time.
+        let mut session_w = [0.0; HALF_LIVES];
+        match self.recent_sessions.iter_mut().find(|(h, _)| *h == session) {
+            None => {
+                self.recent_sessions.rotate_right(1);
+                self.recent_sessions[0] = (session, t);
+                session_w = w;
             }
-            Event::Purchase(o) => {
-                let qty: f64 = o.items.iter().map(|i| f64::from(i.quantity)).sum();
-                let price_qty: f64 = o
-                    .items
-                    .iter()
-                    .map(|i| f64::from(i.quantity) * i.unit_price)
-                    .sum();
-                match o.status {
-                    OrderStatus::Placed => {
-                        self.lifetime_orders += 1;
-                        self.sums[ORDERS] += wl;
-                        self.sums[SPEND] += wl * o.total;
-                        self.sums[ITEMS] += wl * qty;
-                        self.sums[PRICE_QTY] += wl * price_qty;
-                        self.last_purchase_ms = Some(self.last_purchase_ms.map_or(t, |l| l.max(t)));
-                        for item in &o.items {
-                            self.category[category_bucket(&item.category)] += wl * 3.0;
-                        }
-                    }
-                    OrderStatus::Cancelled | OrderStatus::Refunded => {
-                        // Reverses the money and the goods; the order itself still happened.
-                        self.sums[CANCELLED] += wl;
-                        self.sums[SPEND] -= wl * o.total;
-                        self.sums[ITEMS] -= wl * qty;
-                        self.sums[PRICE_QTY] -= wl * price_qty;
-                    }
+            Some((_, first)) if t < *first => {
+                for (h, d) in p.decays.iter().enumerate() {
+                    let at_first = d.factor(self.anchor_ms - *first);
+                    session_w[h] = w[h] - at_first;
                 }
+                *first = t;
+            }
+            Some(_) => {}
+        }
+        for h in 0..HALF_LIVES {
+            if let Some(i) = idx {
+                self.behaviour[h][i] += w[h];
+            }
+            self.behaviour[h][4] += w[h] * c.dwell_ms as f64 / 60_000.0;
+            self.behaviour[h][5] += session_w[h];
+        }
+        if cat_w > 0.0 && !c.category.is_empty() {
+            self.category[category_bucket(&c.category)] += wl * cat_w;
+        }
+        if let Some(text) = &c.search_text {
+            self.add_text(text, wm);
+        }
+        if let Some(e) = &c.embedding {
+            self.add_embedding(e, wm, p);
+        }
+    }
+
+    /// Orders, spend, items and prices (a cancellation or refund reverses them), category
+    /// affinity, and the items' descriptions as text.
+    fn add_purchase(&mut self, o: &PurchaseEvent, t: i64, w: [f64; HALF_LIVES]) {
+        let (wm, wl) = (w[1], w[2]);
+        let qty: f64 = o.items.iter().map(|i| f64::from(i.quantity)).sum();
+        let price_qty: f64 = o
+            .items
+            .iter()
+            .map(|i| f64::from(i.quantity) * i.unit_price)
+            .sum();
+        match o.status {
+            OrderStatus::Placed => {
+                self.lifetime_orders += 1;
+                self.sums[ORDERS] += wl;
+                self.sums[SPEND] += wl * o.total;
+                self.sums[ITEMS] += wl * qty;
+                self.sums[PRICE_QTY] += wl * price_qty;
+                self.last_purchase_ms = Some(self.last_purchase_ms.map_or(t, |l| l.max(t)));
                 for item in &o.items {
-                    if let Some(d) = &item.description {
-                        self.add_text(d, wm * 0.25);
-                    }
+                    self.category[category_bucket(&item.category)] += wl * 3.0;
                 }
             }
-            Event::Social(s) => {
-                match s.action {
-                    SocialAction::Review => self.sums[REVIEWS] += wm,
-                    _ => self.sums[ENGAGE] += wm,
-                }
-                if let Some(r) = s.rating {
-                    self.sums[RATING_SUM] += wm * f64::from(r);
-                    self.sums[RATING_W] += wm;
-                }
-                if let Some(c) = s.target_category.as_deref().filter(|c| !c.is_empty()) {
-                    self.category[category_bucket(c)] += wl;
-                }
-                if let Some(text) = &s.text {
-                    let mut sentiment = Sentiment::default();
-                    self.add_text_and(text, wm, |t| sentiment.word(t));
-                    if let Some(v) = sentiment.score() {
-                        self.sums[SENT_SUM] += wm * v;
-                        self.sums[SENT_W] += wm;
-                    }
-                }
-                if let Some(e) = &s.embedding {
-                    self.add_embedding(e, wm, p);
-                }
+            OrderStatus::Cancelled | OrderStatus::Refunded => {
+                // Reverses the money and the goods; the order itself still happened.
+                self.sums[CANCELLED] += wl;
+                self.sums[SPEND] -= wl * o.total;
+                self.sums[ITEMS] -= wl * qty;
+                self.sums[PRICE_QTY] -= wl * price_qty;
             }
+        }
+        for item in &o.items {
+            if let Some(d) = &item.description {
+                self.add_text(d, wm * 0.25);
+            }
+        }
+    }
+
+    /// Engagements and reviews, ratings, category affinity, text with its sentiment, embedding.
+    fn add_social(&mut self, s: &SocialEvent, w: [f64; HALF_LIVES], p: &FeatureParams) {
+        let (wm, wl) = (w[1], w[2]);
+        match s.action {
+            SocialAction::Review => self.sums[REVIEWS] += wm,
+            _ => self.sums[ENGAGE] += wm,
+        }
+        if let Some(r) = s.rating {
+            self.sums[RATING_SUM] += wm * f64::from(r);
+            self.sums[RATING_W] += wm;
+        }
+        if let Some(c) = s.target_category.as_deref().filter(|c| !c.is_empty()) {
+            self.category[category_bucket(c)] += wl;
+        }
+        if let Some(text) = &s.text {
+            let mut sentiment = Sentiment::default();
+            self.add_text_and(text, wm, |t| sentiment.word(t));
+            if let Some(v) = sentiment.score() {
+                self.sums[SENT_SUM] += wm * v;
+                self.sums[SENT_W] += wm;
+            }
+        }
+        if let Some(e) = &s.embedding {
+            self.add_embedding(e, wm, p);
         }
     }
 
