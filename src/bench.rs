@@ -15,7 +15,7 @@
 //! configuration), and the process's resident set is read from `/proc/self/statm` before and
 //! after; the difference over the user count is the cost of a user (state, map entry, id).
 
-use crate::config::RawConfig;
+use crate::config::{RawConfig, Settings};
 use crate::engine::Engine;
 use crate::generate::{Generator, Record};
 use std::collections::HashMap;
@@ -359,12 +359,8 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
         floor,
         ..
     } = options;
-    use crate::app::{create_all_topics, settings_for, QUICK_JOINS};
-    use crate::encode::decode_change;
+    use crate::app::{create_all_topics, settings_for};
     use crate::metrics::Metrics;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::producer::FutureRecord;
-    use rdkafka::Message;
     use tokio_util::sync::CancellationToken;
 
     let prefix = format!("bench-latency-{}", std::process::id());
@@ -386,93 +382,17 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
         let (s, m, c) = (settings.clone(), metrics.clone(), cancel.clone());
         tokio::spawn(async move { crate::pipeline::run(&s, Engine::new(&s), m, c).await })
     });
-    let subscriber: StreamConsumer = if floor {
-        crate::kafka::consumer_config(&settings)
-            .set("group.id", format!("{prefix}-floor"))
-            .create()?
-    } else {
-        let mut subscriber = rdkafka::ClientConfig::new();
-        subscriber
-            .set("bootstrap.servers", brokers)
-            .set("group.id", format!("{prefix}-subscriber"))
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5");
-        for (key, value) in QUICK_JOINS {
-            subscriber.set(key, value);
-        }
-        subscriber.create()?
-    };
-    let inputs: Vec<&str> = crate::event::Source::ALL
-        .iter()
-        .map(|s| settings.topic(*s))
-        .collect();
-    if floor {
-        subscriber.subscribe(&inputs)?;
-    } else {
-        subscriber.subscribe(&[&settings.kafka.topics.segment_changes])?;
-    }
-    // Events are produced only once the subscriber has joined (it has partitions; polling
-    // drives the join, and nothing it reads before production starts is timed) and segstream
-    // is consuming. Otherwise whichever joins later times a backlog.
-    while subscriber.assignment()?.count() == 0 {
-        let _ =
-            tokio::time::timeout(std::time::Duration::from_millis(100), subscriber.recv()).await;
-    }
+    let subscriber = latency_subscriber(brokers, &settings, &prefix, floor).await?;
     while !floor && !metrics.is_ready() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let decoder = crate::decode::Decoder::new(settings.decode.clone());
-
     let started = crate::clock::wall_ms();
-    let warm_until = started + (seconds as i64 * 1_000) / 4;
-    let end = started + seconds as i64 * 1_000;
-    let producing = {
-        let settings = settings.clone();
-        tokio::spawn(async move {
-            let producer = crate::kafka::producer(&settings)?;
-            let mut g = Generator::new(3, users, 0.0);
-            g.set_skew(0);
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
-            let per_tick = rate as f64 / 100.0;
-            let (mut budget, mut produced) = (0.0, 0u64);
-            while crate::clock::wall_ms() < end {
-                tick.tick().await;
-                budget += per_tick;
-                while budget >= 1.0 {
-                    budget -= 1.0;
-                    let r = g.next_record(crate::clock::wall_ms(), &settings.decode);
-                    let record = FutureRecord::to(settings.topic(r.source))
-                        .key(r.key.as_bytes())
-                        .payload(&r.payload[..]);
-                    drop(crate::kafka::send(&producer, record).await?);
-                    produced += 1;
-                }
-            }
-            rdkafka::producer::Producer::flush(&producer, std::time::Duration::from_secs(10))?;
-            anyhow::Ok(produced)
-        })
-    };
-    let mut latencies = Vec::new();
-    let deadline = end + 5_000;
-    while crate::clock::wall_ms() < deadline {
-        let msg = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.recv());
-        let Ok(Ok(m)) = msg.await else { continue };
-        let now = crate::clock::wall_ms();
-        let payload = m.payload().unwrap_or_default();
-        let event_time = if floor {
-            settings
-                .source_of(m.topic())
-                .and_then(|s| decoder.decode(s, payload, Some(now)).ok())
-                .map(|e| e.event_time())
-        } else {
-            decode_change(payload, settings.output.format)
-                .ok()
-                .map(|c| c.event_time)
-        };
-        if let Some(t) = event_time.filter(|t| *t >= warm_until && *t < end) {
-            latencies.push((now - t) as f64);
-        }
-    }
+    let window = (
+        started + (seconds as i64 * 1_000) / 4,
+        started + seconds as i64 * 1_000,
+    );
+    let producing = produce_at(&settings, rate, users, window.1);
+    let mut latencies = time_arrivals(&subscriber, &settings, floor, window).await;
     let produced = producing.await??;
     cancel.cancel();
     if let Some(p) = pipeline {
@@ -494,6 +414,117 @@ pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<
         p99_ms: q(0.99),
         max_ms: latencies.last().copied().unwrap_or(f64::NAN),
     })
+}
+
+/// The consumer timed: of the inputs (`floor`: no segstream) or of the segment changes. Events
+/// are produced only once it has joined (it has partitions; polling drives the join, and
+/// nothing it reads before production starts is timed) and segstream is consuming. Otherwise
+/// whichever joins later times a backlog.
+async fn latency_subscriber(
+    brokers: &str,
+    settings: &Settings,
+    prefix: &str,
+    floor: bool,
+) -> anyhow::Result<rdkafka::consumer::StreamConsumer> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let subscriber: StreamConsumer = if floor {
+        crate::kafka::consumer_config(settings)
+            .set("group.id", format!("{prefix}-floor"))
+            .create()?
+    } else {
+        let mut subscriber = rdkafka::ClientConfig::new();
+        subscriber
+            .set("bootstrap.servers", brokers)
+            .set("group.id", format!("{prefix}-subscriber"))
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5");
+        for (key, value) in crate::app::QUICK_JOINS {
+            subscriber.set(key, value);
+        }
+        subscriber.create()?
+    };
+    let inputs: Vec<&str> = crate::event::Source::ALL
+        .iter()
+        .map(|s| settings.topic(*s))
+        .collect();
+    if floor {
+        subscriber.subscribe(&inputs)?;
+    } else {
+        subscriber.subscribe(&[&settings.kafka.topics.segment_changes])?;
+    }
+    while subscriber.assignment()?.count() == 0 {
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_millis(100), subscriber.recv()).await;
+    }
+    Ok(subscriber)
+}
+
+/// Produces generated events at `rate` per second (in 10 ms ticks) until `end`; how many.
+fn produce_at(
+    settings: &Settings,
+    rate: u64,
+    users: usize,
+    end: i64,
+) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
+    use rdkafka::producer::FutureRecord;
+    let settings = settings.clone();
+    tokio::spawn(async move {
+        let producer = crate::kafka::producer(&settings)?;
+        let mut g = Generator::new(3, users, 0.0);
+        g.set_skew(0);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+        let per_tick = rate as f64 / 100.0;
+        let (mut budget, mut produced) = (0.0, 0u64);
+        while crate::clock::wall_ms() < end {
+            tick.tick().await;
+            budget += per_tick;
+            while budget >= 1.0 {
+                budget -= 1.0;
+                let r = g.next_record(crate::clock::wall_ms(), &settings.decode);
+                let record = FutureRecord::to(settings.topic(r.source))
+                    .key(r.key.as_bytes())
+                    .payload(&r.payload[..]);
+                drop(crate::kafka::send(&producer, record).await?);
+                produced += 1;
+            }
+        }
+        rdkafka::producer::Producer::flush(&producer, std::time::Duration::from_secs(10))?;
+        anyhow::Ok(produced)
+    })
+}
+
+/// Until 5 s after the window ends: each arrival's latency from its event time, in ms, for
+/// the events timed inside the window (`from`, `to`) (the first quarter warms up).
+async fn time_arrivals(
+    subscriber: &rdkafka::consumer::StreamConsumer,
+    settings: &Settings,
+    floor: bool,
+    (from, to): (i64, i64),
+) -> Vec<f64> {
+    use rdkafka::Message;
+    let decoder = crate::decode::Decoder::new(settings.decode.clone());
+    let mut latencies = Vec::new();
+    let deadline = to + 5_000;
+    while crate::clock::wall_ms() < deadline {
+        let msg = tokio::time::timeout(std::time::Duration::from_millis(200), subscriber.recv());
+        let Ok(Ok(m)) = msg.await else { continue };
+        let now = crate::clock::wall_ms();
+        let payload = m.payload().unwrap_or_default();
+        let event_time = if floor {
+            settings
+                .source_of(m.topic())
+                .and_then(|s| decoder.decode(s, payload, Some(now)).ok())
+                .map(|e| e.event_time())
+        } else {
+            crate::encode::decode_change(payload, settings.output.format)
+                .ok()
+                .map(|c| c.event_time)
+        };
+        if let Some(t) = event_time.filter(|t| *t >= from && *t < to) {
+            latencies.push((now - t) as f64);
+        }
+    }
+    latencies
 }
 
 /// What `bench restore` measured.
