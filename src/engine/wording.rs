@@ -5,7 +5,9 @@
 use super::Engine;
 use crate::catalogue::Current;
 use crate::event::CatalogueRecord;
-use crate::features::{feature_index, feature_name, CATEGORY_BUCKETS, CATEGORY_START, DIM};
+use crate::features::{
+    feature_index, feature_name, words_of, Words, CATEGORY_BUCKETS, CATEGORY_START, DIM,
+};
 use std::sync::Arc;
 
 /// Cached wording of the segments: per segment its description, and the action rules its
@@ -175,7 +177,7 @@ impl Engine {
             if kinds.contains(&kind) {
                 continue;
             }
-            if let Some(p) = self.phrase(i, name, z) {
+            if let Some(p) = self.phrase(i, z) {
                 kinds.push(kind);
                 words.push(p);
             }
@@ -187,40 +189,23 @@ impl Engine {
         }
     }
 
-    fn phrase(&self, i: usize, name: &str, z: f64) -> Option<String> {
+    /// How a description words segment centroids standing out on component `i` by `z`
+    /// (the layout's [`Words`]).
+    fn phrase(&self, i: usize, z: f64) -> Option<String> {
         let high = z > 0.0;
-        let pick = |h: &str, l: &str| Some(if high { h } else { l }.to_owned());
-        if let Some((kind, suffix)) = name.split_once("_per_day_") {
-            let h = ["short", "medium", "long"]
-                .iter()
-                .position(|s| *s == suffix)?;
-            let days = self.rules.half_life_days[h];
-            let what = kind.replace('_', " ");
-            return Some(format!(
-                "{} {days:.0}-day {what}",
-                if high { "high" } else { "low" }
-            ));
-        }
-        match name {
-            "recency_days" => pick("lapsed buyer", "recent buyer"),
-            "frequency" => pick("frequent buyer", "rarely buys"),
-            "monetary" => Some(format!(
-                "{} {:.0}-day spend",
-                if high { "high" } else { "low" },
-                self.rules.half_life_days[2]
-            )),
-            "basket_size" => pick("large baskets", "small baskets"),
-            "avg_unit_price" => pick("premium products", "low-price products"),
-            "cancel_rate" => pick("often cancels or returns", "rarely cancels"),
-            "engagements" => pick("socially active", "socially quiet"),
-            "reviews" => pick("frequent reviewer", "rarely reviews"),
-            "mean_rating" => pick("positive reviewer", "critical reviewer"),
-            "sentiment" => pick("positive reviews", "negative reviews"),
-            n if n.starts_with("category_") && high => {
+        let level = if high { "high" } else { "low" };
+        match words_of(i) {
+            Words::Not => None,
+            Words::Pick(above, below) => Some(if high { above } else { below }.to_owned()),
+            Words::Rate(h, what) => {
+                let days = self.rules.half_life_days[h];
+                Some(format!("{level} {days:.0}-day {what}"))
+            }
+            Words::Category if high => {
                 let b = i - CATEGORY_START;
                 Some(format!("strong affinity to {}", self.category_name(b)))
             }
-            _ => None,
+            Words::Category => None,
         }
     }
 

@@ -455,3 +455,84 @@ proptest! {
         prop_assert!(d.factor(lo) <= 1.0 && d.factor(hi) >= 0.0);
     }
 }
+
+/// The components' names are a contract: action rules name them (`model.actions`), the
+/// catalogue and the API publish centroids by them, and saved models list them. The layout
+/// table gives exactly these, in this order.
+#[test]
+fn the_layout_names_every_component_as_published() {
+    let want = [
+        "views_per_day_short",
+        "searches_per_day_short",
+        "cart_adds_per_day_short",
+        "checkouts_per_day_short",
+        "dwell_minutes_per_day_short",
+        "sessions_per_day_short",
+        "views_per_day_medium",
+        "searches_per_day_medium",
+        "cart_adds_per_day_medium",
+        "checkouts_per_day_medium",
+        "dwell_minutes_per_day_medium",
+        "sessions_per_day_medium",
+        "views_per_day_long",
+        "searches_per_day_long",
+        "cart_adds_per_day_long",
+        "checkouts_per_day_long",
+        "dwell_minutes_per_day_long",
+        "sessions_per_day_long",
+        "recency_days",
+        "frequency",
+        "monetary",
+        "basket_size",
+        "avg_unit_price",
+        "cancel_rate",
+        "lifetime_orders",
+        "tenure_days",
+        "category_0",
+        "category_1",
+        "category_2",
+        "category_3",
+        "category_4",
+        "category_5",
+        "category_6",
+        "category_7",
+        "engagements",
+        "reviews",
+        "mean_rating",
+        "sentiment",
+        "text_0",
+        "text_1",
+        "text_2",
+        "text_3",
+        "text_4",
+        "text_5",
+        "text_6",
+        "text_7",
+        "embedding_0",
+        "embedding_1",
+        "embedding_2",
+        "embedding_3",
+    ];
+    let names: Vec<&str> = (0..DIM).map(feature_name).collect();
+    assert_eq!(names, want);
+    assert_eq!(feature_index("monetary"), Some(B_PURCHASE + 2));
+    assert_eq!(group_of(B_CATEGORY), Group::Category);
+    assert_eq!(group_of(DIM - 1), Group::Embedding);
+}
+
+/// Descriptions word rates by their half-life and what the behaviour is, named components by
+/// their phrases, categories only above the population, and text and embeddings not at all.
+#[test]
+fn the_layout_says_how_each_component_is_worded() {
+    assert_eq!(words_of(4), Words::Rate(0, "dwell minutes"));
+    assert_eq!(words_of(6 + 2), Words::Rate(1, "cart adds"));
+    assert_eq!(
+        words_of(B_PURCHASE),
+        Words::Pick("lapsed buyer", "recent buyer")
+    );
+    assert_eq!(words_of(B_PURCHASE + 2), Words::Rate(2, "spend"));
+    assert_eq!(words_of(B_PURCHASE + 6), Words::Not);
+    assert_eq!(words_of(CATEGORY_START + 3), Words::Category);
+    assert_eq!(words_of(B_TEXT), Words::Not);
+    assert_eq!(words_of(B_EMBED + 3), Words::Not);
+}
