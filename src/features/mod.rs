@@ -5,7 +5,7 @@
 //! decays the state to `t`; an event at `t < T` (out of order) is added already decayed to `T`.
 //! Both give the same sums, so arrival order within the allowed lateness does not change the
 //! result (up to floating-point rounding). Pure: no clock, no I/O. Names, formulas and units of
-//! every component are in ARCHITECTURE.md.
+//! every component are in docs/features.md.
 //!
 //! Rooms: `layout` declares the vector (components, names, groups, which are log-scaled);
 //! `params` the decays and the embedding projection's signs; `text` tokens, the sentiment
