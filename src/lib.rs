@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod avro_fast;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod catalogue;
 pub mod changelog;

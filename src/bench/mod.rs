@@ -15,6 +15,8 @@
 //! configuration), and the process's resident set is read from `/proc/self/statm` before and
 //! after; the difference over the user count is the cost of a user (state, map entry, id).
 
+pub mod cli;
+
 use crate::config::{RawConfig, Settings};
 use crate::engine::Engine;
 use crate::generate::{Generator, Record};
