@@ -2,8 +2,10 @@
 //! embedding projection tabulated for the first columns.
 
 use super::layout::{EMBED_DIM, HALF_LIVES};
-use super::state::DAY_MS;
 use super::text::projection;
+
+/// Milliseconds in a day: rates are per day, recency and tenure in days.
+pub(super) const DAY_MS: f64 = 86_400_000.0;
 
 /// Decay of one half-life: `factor(dt) = 2^(-dt / half_life)`.
 #[derive(Clone, Copy, Debug)]

@@ -2,9 +2,8 @@
 //! label window; how one event updates them.
 
 use super::layout::*;
-use super::params::FeatureParams;
+use super::params::{FeatureParams, DAY_MS};
 use super::text::*;
-use super::vector::{features_as_f64, to_f16};
 use crate::event::{
     ClickEvent, ClickKind, Event, OrderStatus, PurchaseEvent, SocialAction, SocialEvent,
 };
@@ -13,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 /// Days a user who never bought counts as "since last purchase".
 pub(super) const NEVER_PURCHASED_DAYS: f64 = 365.0;
-pub(super) const DAY_MS: f64 = 86_400_000.0;
 /// Event ids remembered per user to ignore re-sent events.
 pub const DEDUP_WINDOW: usize = 16;
 // Decayed sums at the medium and long half-lives (indices into `UserState::sums`).
@@ -381,5 +379,32 @@ impl UserState {
             Event::Purchase(o) => -o.total,
             _ => 0.0,
         }
+    }
+}
+
+/// `x` rounded to `f16`. As a slice: `half` then checks for the CPU's conversion instructions
+/// once, not once per value (that check was most of the cost of converting value by value).
+pub(super) fn to_f16(x: &[f64]) -> [half::f16; DIM] {
+    let mut out = [half::f16::ZERO; DIM];
+    out.convert_from_f64_slice(x);
+    out
+}
+
+pub(super) mod features_as_f64 {
+    use super::DIM;
+    use half::f16;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[f16; DIM], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|x| x.to_f64()))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[f16; DIM], D::Error> {
+        let v = Vec::<f64>::deserialize(d)?;
+        if v.len() != DIM {
+            return Err(serde::de::Error::invalid_length(
+                v.len(),
+                &"the layout's dimension",
+            ));
+        }
+        Ok(super::to_f16(&v))
     }
 }

@@ -2,9 +2,8 @@
 //! recency, ratios, shares, text and embedding components; log-scaled four at a time.
 
 use super::layout::*;
-use super::params::FeatureParams;
+use super::params::{FeatureParams, DAY_MS};
 use super::state::*;
-use half::slice::HalfFloatSliceExt;
 use wide::f64x4;
 
 /// Replaces each [`LOG_SCALED`] component `x` of `v` by `ln(1 + max(x, 0))`, four at a time.
@@ -34,33 +33,6 @@ pub(super) fn ln_1p4(x: f64x4) -> f64x4 {
     let y = u.ln() * (x / d);
     let y = d.simd_eq(f64x4::ZERO).select(x, y);
     u.is_finite().select(y, u)
-}
-
-/// `x` rounded to `f16`. As a slice: `half` then checks for the CPU's conversion instructions
-/// once, not once per value (that check was most of the cost of converting value by value).
-pub(super) fn to_f16(x: &[f64]) -> [half::f16; DIM] {
-    let mut out = [half::f16::ZERO; DIM];
-    out.convert_from_f64_slice(x);
-    out
-}
-
-pub(super) mod features_as_f64 {
-    use super::DIM;
-    use half::f16;
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[f16; DIM], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(v.iter().map(|x| x.to_f64()))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[f16; DIM], D::Error> {
-        let v = Vec::<f64>::deserialize(d)?;
-        if v.len() != DIM {
-            return Err(serde::de::Error::invalid_length(
-                v.len(),
-                &"the layout's dimension",
-            ));
-        }
-        Ok(super::to_f16(&v))
-    }
 }
 
 impl UserState {
