@@ -158,7 +158,7 @@ fn embedding_into(r: &mut Reader<'_>, out: &mut Option<Vec<f32>>) -> Result<(), 
 /// `schemas/click_event.avsc`, into `e`: every field is overwritten and string buffers are
 /// reused, so decoding allocates only for a message longer than the ones before. On an error
 /// `e` holds a partial record and must not be used.
-pub fn click_into(body: &[u8], e: &mut ClickEvent) -> Result<(), Error> {
+pub(crate) fn click_into(body: &[u8], e: &mut ClickEvent) -> Result<(), Error> {
     let mut r = Reader { buf: body };
     r.string_into(&mut e.event_id)?;
     r.string_into(&mut e.user_id)?;
@@ -181,7 +181,7 @@ pub fn click_into(body: &[u8], e: &mut ClickEvent) -> Result<(), Error> {
 }
 
 /// `schemas/purchase_event.avsc`, into `e` (as [`click_into`]).
-pub fn purchase_into(body: &[u8], e: &mut PurchaseEvent) -> Result<(), Error> {
+pub(crate) fn purchase_into(body: &[u8], e: &mut PurchaseEvent) -> Result<(), Error> {
     let mut r = Reader { buf: body };
     r.string_into(&mut e.event_id)?;
     r.string_into(&mut e.user_id)?;
@@ -206,7 +206,7 @@ pub fn purchase_into(body: &[u8], e: &mut PurchaseEvent) -> Result<(), Error> {
 }
 
 /// `schemas/social_event.avsc`, into `e` (as [`click_into`]).
-pub fn social_into(body: &[u8], e: &mut SocialEvent) -> Result<(), Error> {
+pub(crate) fn social_into(body: &[u8], e: &mut SocialEvent) -> Result<(), Error> {
     let mut r = Reader { buf: body };
     r.string_into(&mut e.event_id)?;
     r.string_into(&mut e.user_id)?;

@@ -114,7 +114,12 @@ impl Catalogue {
     /// Compares `now` (every segment, by id) with what was published; `splits` are the repairs
     /// since the last review (retired id, donor id). Returns the records to publish, and
     /// remembers them as published.
-    pub fn review(&mut self, now: &[Current], splits: &[(u32, u32)], clock: i64) -> Vec<Decided> {
+    pub(crate) fn review(
+        &mut self,
+        now: &[Current],
+        splits: &[(u32, u32)],
+        clock: i64,
+    ) -> Vec<Decided> {
         if self.segments.len() < now.len() {
             self.segments.resize(now.len(), None);
         }

@@ -89,7 +89,7 @@ impl ChangelogError {
     }
 }
 
-pub fn encode_user(state: &UserState) -> Vec<u8> {
+pub(crate) fn encode_user(state: &UserState) -> Vec<u8> {
     let mut out = vec![USER_FORMAT];
     // Serialising plain data into a Vec cannot fail.
     out.extend(postcard::to_stdvec(state).unwrap_or_default());
@@ -97,7 +97,7 @@ pub fn encode_user(state: &UserState) -> Vec<u8> {
     out
 }
 
-pub fn decode_user(bytes: &[u8]) -> Result<Box<UserState>, ChangelogError> {
+pub(crate) fn decode_user(bytes: &[u8]) -> Result<Box<UserState>, ChangelogError> {
     match bytes.split_first() {
         Some((&USER_FORMAT, rest)) => {
             let (mut state, rest): (UserState, _) = postcard::take_from_bytes(rest)?;
@@ -114,11 +114,11 @@ pub fn decode_user(bytes: &[u8]) -> Result<Box<UserState>, ChangelogError> {
     }
 }
 
-pub fn encode_marker(m: &Marker) -> Vec<u8> {
+pub(crate) fn encode_marker(m: &Marker) -> Vec<u8> {
     serde_json::to_vec(m).unwrap_or_default()
 }
 
-pub fn decode_marker(bytes: &[u8]) -> Result<Marker, ChangelogError> {
+pub(crate) fn decode_marker(bytes: &[u8]) -> Result<Marker, ChangelogError> {
     Ok(serde_json::from_slice(bytes)?)
 }
 

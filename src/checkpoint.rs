@@ -71,7 +71,7 @@ pub struct Owned {
 }
 
 impl Owned {
-    pub fn from_restored(r: &Restored) -> Self {
+    pub(crate) fn from_restored(r: &Restored) -> Self {
         Self {
             epoch: r.max_epoch + 1,
             seq: 0,
@@ -356,7 +356,7 @@ pub async fn write(
 
 /// Advances the chains of the partitions a written checkpoint covered (those still owned by the
 /// same chain: a partition released and restored meanwhile has a new epoch and is left alone).
-pub fn advance(owned: &mut BTreeMap<i32, Owned>, written: &Written) {
+pub(crate) fn advance(owned: &mut BTreeMap<i32, Owned>, written: &Written) {
     for (partition, epoch, full) in &written.advanced {
         if let Some(o) = owned.get_mut(partition).filter(|o| o.epoch == *epoch) {
             o.seq += 1;
@@ -375,7 +375,7 @@ pub const MODEL_KEY: &[u8] = b"segstream.models";
 /// A consumer of the model topic from its start, reporting its end (`enable.partition.eof`):
 /// the pipeline reads it to the end for the latest models before consuming input, then keeps
 /// following it. Blocking (it waits for the topic's metadata): run it off the async workers.
-pub fn model_follower(settings: &Settings) -> Result<StreamConsumer<EndOfLog>, KafkaError> {
+pub(crate) fn model_follower(settings: &Settings) -> Result<StreamConsumer<EndOfLog>, KafkaError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &settings.kafka.brokers)
         .set("group.id", format!("{}-models", settings.kafka.group_id))
@@ -404,7 +404,7 @@ fn assign_from_start<C: ConsumerContext>(
 }
 
 /// Publishes the trainer's models (`Engine::export_models`) to the model topic.
-pub async fn publish_models(
+pub(crate) async fn publish_models(
     settings: &Settings,
     producer: &FutureProducer,
     bytes: &[u8],

@@ -103,7 +103,7 @@ impl DecodeError {
 
     /// `KeyMismatch` when a message's key is present and is not `user_id`. A message without a
     /// key is accepted: it is the producer's partitioner, not the key, that placed it.
-    pub fn check_key(key: Option<&[u8]>, user_id: &str) -> Result<(), DecodeError> {
+    pub(crate) fn check_key(key: Option<&[u8]>, user_id: &str) -> Result<(), DecodeError> {
         match key {
             Some(k) if k != user_id.as_bytes() => Err(DecodeError::KeyMismatch),
             _ => Ok(()),
@@ -266,7 +266,7 @@ impl Decoder {
     }
 
     /// Like [`Decoder::decode`] in an explicit format (replay reads NDJSON whatever the topics use).
-    pub fn decode_as(
+    pub(crate) fn decode_as(
         &self,
         source: Source,
         format: WireFormat,
@@ -364,7 +364,7 @@ impl Decoder {
 }
 
 /// Decodes one JSON object of `source` (the NDJSON form used by replay as well).
-pub fn decode_json(source: Source, payload: &[u8]) -> Result<Event, DecodeError> {
+pub(crate) fn decode_json(source: Source, payload: &[u8]) -> Result<Event, DecodeError> {
     fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
         serde_json::from_slice(payload).map_err(|e| {
             let msg = e.to_string();

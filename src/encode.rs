@@ -72,7 +72,7 @@ pub fn encode_change(change: &SegmentChange, format: WireFormat, schema_id: u32)
 
 /// Encodes a segment catalogue record for the catalogue topic (a few per sweep: apache-avro's
 /// serde writer is fast enough).
-pub fn encode_catalogue(r: &CatalogueRecord, format: WireFormat, schema_id: u32) -> Vec<u8> {
+pub(crate) fn encode_catalogue(r: &CatalogueRecord, format: WireFormat, schema_id: u32) -> Vec<u8> {
     encode(&CATALOGUE, r, format, schema_id)
 }
 

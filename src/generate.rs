@@ -179,7 +179,7 @@ impl Generator {
         &self.personas
     }
 
-    pub fn user_name(i: usize) -> String {
+    pub(crate) fn user_name(i: usize) -> String {
         format!("user-{i}")
     }
 
@@ -205,8 +205,9 @@ impl Generator {
         }
     }
 
+    #[cfg(feature = "bench")]
     /// Stamps events up to `skew_ms` before the time given (default 2 s; 0: exactly then).
-    pub fn set_skew(&mut self, skew_ms: i64) {
+    pub(crate) fn set_skew(&mut self, skew_ms: i64) {
         self.skew_ms = skew_ms;
     }
 

@@ -103,7 +103,7 @@ pub struct PipelineLink {
 
 impl PipelineLink {
     /// A link nobody sends to (a pipeline without an API).
-    pub fn detached() -> Self {
+    pub(crate) fn detached() -> Self {
         let (_tx, rx) = mpsc::channel(1);
         Self {
             catalogue: Arc::default(),
@@ -113,7 +113,7 @@ impl PipelineLink {
     }
 
     /// Publishes the engine's catalogue, and its segment sizes at `now_ms` into the history.
-    pub fn publish(&self, engine: &Engine, now_ms: i64) {
+    pub(crate) fn publish(&self, engine: &Engine, now_ms: i64) {
         let sizes = engine.segments().iter().map(|s| s.size as u64).collect();
         self.history
             .write()

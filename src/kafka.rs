@@ -159,7 +159,7 @@ impl ConsumerContext for SegContext {
 }
 
 /// Commits the stored offsets and waits for the broker's answer. "Nothing to commit" is fine.
-pub fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>, metrics: &Metrics) {
+pub(crate) fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>, metrics: &Metrics) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => {}
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
@@ -170,7 +170,7 @@ pub fn commit_sync<C: ConsumerContext>(consumer: &impl Consumer<C>, metrics: &Me
     }
 }
 
-pub fn apply_properties(cfg: &mut ClientConfig, props: &BTreeMap<String, String>) {
+pub(crate) fn apply_properties(cfg: &mut ClientConfig, props: &BTreeMap<String, String>) {
     for (k, v) in props {
         cfg.set(k, v);
     }
@@ -178,7 +178,7 @@ pub fn apply_properties(cfg: &mut ClientConfig, props: &BTreeMap<String, String>
 
 /// The consumer's configuration: at-least-once (offsets stored by the pipeline only after an
 /// event's effects are delivered, then auto-committed), then the pass-through properties.
-pub fn consumer_config(s: &Settings) -> ClientConfig {
+pub(crate) fn consumer_config(s: &Settings) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &s.kafka.brokers)
         .set("group.id", &s.kafka.group_id)
@@ -208,7 +208,7 @@ pub fn consumer_config(s: &Settings) -> ClientConfig {
 
 /// The producer's configuration: idempotent (no duplicates from internal retries, per-partition
 /// order kept), then the pass-through properties.
-pub fn producer_config(s: &Settings) -> ClientConfig {
+pub(crate) fn producer_config(s: &Settings) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &s.kafka.brokers)
         .set("enable.idempotence", "true")
@@ -224,7 +224,7 @@ pub fn producer(s: &Settings) -> Result<FutureProducer, KafkaError> {
 }
 
 /// Creates the topics that do not exist yet (an existing topic is left as it is).
-pub async fn ensure_topics(
+pub(crate) async fn ensure_topics(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topics: &[&str],
@@ -235,7 +235,7 @@ pub async fn ensure_topics(
 
 /// [`ensure_topics`] with topic configuration (`retention.ms`, ...) for the ones it creates.
 /// Replication is the broker's default (`default.replication.factor`).
-pub async fn ensure_topics_with(
+pub(crate) async fn ensure_topics_with(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topics: &[&str],
@@ -295,7 +295,7 @@ pub async fn send(
 }
 
 /// Creates one topic (an existing one is left as it is), with `kafka.replication_factor`.
-pub async fn create_topic(
+pub(crate) async fn create_topic(
     s: &Settings,
     topic: &str,
     partitions: i32,
@@ -380,7 +380,10 @@ impl Probe {
     }
 
     /// Partition count of each topic (`None`: it does not exist). Blocking.
-    pub fn partition_counts(&self, topics: &[String]) -> Result<Vec<Option<i32>>, Reachability> {
+    pub(crate) fn partition_counts(
+        &self,
+        topics: &[String],
+    ) -> Result<Vec<Option<i32>>, Reachability> {
         let c = &self.consumer;
         topics
             .iter()
@@ -470,7 +473,7 @@ impl rdkafka::producer::ProducerContext for Quiet {
 }
 
 /// librdkafka's `builtin.features` in this binary.
-pub fn builtin_features() -> String {
+pub(crate) fn builtin_features() -> String {
     ClientConfig::new()
         .create_native_config()
         .and_then(|c| c.get("builtin.features"))

@@ -472,10 +472,6 @@ impl Metrics {
         m
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -496,19 +492,19 @@ impl Metrics {
             .with_label_values(&[s.as_str(), e.code()])
             .inc();
     }
-    pub fn dead_lettered(&self, s: Source) {
+    pub(crate) fn dead_lettered(&self, s: Source) {
         self.dead_letters.with_label_values(&[s.as_str()]).inc();
     }
-    pub fn change_delivered(&self, r: ChangeReason) {
+    pub(crate) fn change_delivered(&self, r: ChangeReason) {
         self.changes.with_label_values(&[r.as_str()]).inc();
     }
-    pub fn producer_error(&self, output: &'static str) {
+    pub(crate) fn producer_error(&self, output: &'static str) {
         self.producer_errors.with_label_values(&[output]).inc();
     }
-    pub fn rebalance(&self, kind: &'static str) {
+    pub(crate) fn rebalance(&self, kind: &'static str) {
         self.rebalances.with_label_values(&[kind]).inc();
     }
-    pub fn commit_failed(&self) {
+    pub(crate) fn commit_failed(&self) {
         self.commits_failed.inc();
     }
     pub fn set_ready(&self, ready: bool) {
@@ -523,7 +519,7 @@ impl Metrics {
             .set(lag);
     }
     /// A change caused by an event at `event_ms` was delivered at `now_ms` (wall clock).
-    pub fn event_to_emit(&self, event_ms: i64, now_ms: i64) {
+    pub(crate) fn event_to_emit(&self, event_ms: i64, now_ms: i64) {
         self.event_to_emit
             .observe((now_ms - event_ms).max(0) as f64 / 1_000.0);
     }
@@ -533,7 +529,7 @@ impl Metrics {
     pub fn duplicate(&self, s: Source) {
         self.duplicates.with_label_values(&[s.as_str()]).inc();
     }
-    pub fn late(&self, s: Source, applied: bool) {
+    pub(crate) fn late(&self, s: Source, applied: bool) {
         let p = if applied { "applied" } else { "dead_letter" };
         self.late.with_label_values(&[s.as_str(), p]).inc();
     }
@@ -541,7 +537,7 @@ impl Metrics {
     /// process's counters count what happened since it started (Prometheus sees a restart as a
     /// reset), instead of jumping by the restored totals, which reads as a burst of flaps,
     /// evictions and labels at every restart.
-    pub fn rebase_counters(&self, counters: &crate::engine::Counters, repairs: u64) {
+    pub(crate) fn rebase_counters(&self, counters: &crate::engine::Counters, repairs: u64) {
         *self.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Mirror {
             flaps: counters.flaps,
             repairs,
@@ -551,7 +547,7 @@ impl Metrics {
     }
 
     /// Mirrors the engine's quality figures and counters (their increments since last time).
-    pub fn set_quality(
+    pub(crate) fn set_quality(
         &self,
         counters: &crate::engine::Counters,
         repairs: u64,
@@ -589,16 +585,17 @@ impl Metrics {
     }
 
     /// The value model's progressive ranking figures.
-    pub fn set_validation(&self, r: &Report) {
+    pub(crate) fn set_validation(&self, r: &Report) {
         self.purchase_auc.set(r.propensity_auc);
         self.value_gini.set(r.value_normalised_gini);
         self.value_pearson.set(r.value_pearson);
     }
-    pub fn observe_processing(&self, seconds: f64) {
+    pub(crate) fn observe_processing(&self, seconds: f64) {
         self.processing.observe(seconds);
     }
+    #[cfg(feature = "bench")]
     /// Mean decode + apply time per message so far (seconds).
-    pub fn processing_mean(&self) -> f64 {
+    pub(crate) fn processing_mean(&self) -> f64 {
         let n = self.processing.get_sample_count();
         if n == 0 {
             0.0
@@ -630,7 +627,7 @@ impl Metrics {
     }
 
     /// An erasure request was handled: `erased`, `unknown` (no such user here) or `invalid`.
-    pub fn erasure_request(&self, result: &'static str) {
+    pub(crate) fn erasure_request(&self, result: &'static str) {
         self.erasure_requests.with_label_values(&[result]).inc();
     }
     pub fn erasure_requests(&self, result: &'static str) -> u64 {
@@ -640,7 +637,7 @@ impl Metrics {
         self.evictions.get()
     }
     /// A checkpoint of `partitions` partitions (`full` of them full) was acknowledged.
-    pub fn checkpoint_written(
+    pub(crate) fn checkpoint_written(
         &self,
         seconds: f64,
         partitions: usize,
@@ -662,11 +659,11 @@ impl Metrics {
             .store(now_ms, std::sync::atomic::Ordering::Relaxed);
         self.checkpoint_age.set(0.0);
     }
-    pub fn checkpoint_failed(&self) {
+    pub(crate) fn checkpoint_failed(&self) {
         self.checkpoint_failures.inc();
     }
     /// Refreshes the checkpoint-age gauge.
-    pub fn set_checkpoint_age(&self, now_ms: i64) {
+    pub(crate) fn set_checkpoint_age(&self, now_ms: i64) {
         let last = self
             .last_checkpoint_ms
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -675,7 +672,7 @@ impl Metrics {
                 .set((now_ms - last).max(0) as f64 / 1_000.0);
         }
     }
-    pub fn set_restoring(&self, restoring: bool) {
+    pub(crate) fn set_restoring(&self, restoring: bool) {
         self.restoring.set(i64::from(restoring));
     }
     /// One partition restored with `users` users.
@@ -684,7 +681,7 @@ impl Metrics {
         self.restored_users.inc_by(users as u64);
     }
     /// A restore (the partitions of one assignment, read together) took `seconds`.
-    pub fn restore_took(&self, seconds: f64) {
+    pub(crate) fn restore_took(&self, seconds: f64) {
         self.restore_duration.observe(seconds);
     }
     pub fn restores_total(&self) -> u64 {
@@ -699,7 +696,7 @@ impl Metrics {
     pub fn skipped_total(&self) -> u64 {
         self.skipped.get()
     }
-    pub fn dead_lettered_erasure(&self) {
+    pub(crate) fn dead_lettered_erasure(&self) {
         self.dead_letters.with_label_values(&["erasure"]).inc();
     }
 

@@ -79,7 +79,7 @@ impl Peers {
 
     /// Asks every peer `method path` (forwarded: each answers from its own partitions). An entry
     /// that does not resolve counts as one peer that did not answer.
-    pub async fn ask(&self, method: Method, path: &str) -> Vec<Answer> {
+    pub(crate) async fn ask(&self, method: Method, path: &str) -> Vec<Answer> {
         let (addrs, unresolved) = self.addresses().await;
         let mut asks = tokio::task::JoinSet::new();
         for peer in addrs {

@@ -197,7 +197,7 @@ fn parse_time(s: &str) -> Option<i64> {
 }
 
 /// Applies the rules to rows (in file order); returns events sorted by time, and the rejects.
-pub fn invoices(rows: impl IntoIterator<Item = Row>) -> (Vec<PurchaseEvent>, Vec<Reject>) {
+pub(crate) fn invoices(rows: impl IntoIterator<Item = Row>) -> (Vec<PurchaseEvent>, Vec<Reject>) {
     let mut order: Vec<String> = Vec::new();
     let mut by_invoice: HashMap<String, PurchaseEvent> = HashMap::new();
     let mut rejects = Vec::new();

@@ -37,13 +37,13 @@ pub fn input(source: Source) -> &'static Schema {
 pub const CONFLUENT_HEADER_LEN: usize = 5;
 
 /// The Confluent header for `schema_id`.
-pub fn confluent_header(schema_id: u32) -> [u8; CONFLUENT_HEADER_LEN] {
+pub(crate) fn confluent_header(schema_id: u32) -> [u8; CONFLUENT_HEADER_LEN] {
     let [a, b, c, d] = schema_id.to_be_bytes();
     [0, a, b, c, d]
 }
 
 /// Prefixes `body` with the Confluent header for `schema_id`.
-pub fn confluent_frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
+pub(crate) fn confluent_frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + body.len());
     out.extend_from_slice(&confluent_header(schema_id));
     out.extend_from_slice(body);

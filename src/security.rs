@@ -117,7 +117,7 @@ const CA_KEYS: [&str; 3] = ["ssl.ca.location", "ssl.ca.pem", "ssl.ca.certificate
 
 /// Reads and checks the security properties. `every` is `kafka.properties`; the consumer's and
 /// producer's own maps must not carry security keys, since the other clients would not see them.
-pub fn checked(
+pub(crate) fn checked(
     every: &BTreeMap<String, String>,
     consumer: &BTreeMap<String, String>,
     producer: &BTreeMap<String, String>,
@@ -225,7 +225,7 @@ fn mechanism(
 /// The CA property to add when TLS is on and no CA is configured: librdkafka then probes the
 /// usual system bundle paths. (The OpenSSL built into this binary has no default trust store
 /// of its own, so without this a public-CA cluster could not be verified.)
-pub fn default_ca(
+pub(crate) fn default_ca(
     security: &Security,
     every: &BTreeMap<String, String>,
 ) -> Option<(String, String)> {

@@ -45,7 +45,12 @@ impl Store {
     }
 
     /// [`Store::update`] for an event that arrived on `shard`: the user's checkpoints go there.
-    pub fn update_in<R>(&self, user: &str, shard: i32, f: impl FnOnce(&mut UserState) -> R) -> R {
+    pub(crate) fn update_in<R>(
+        &self,
+        user: &str,
+        shard: i32,
+        f: impl FnOnce(&mut UserState) -> R,
+    ) -> R {
         self.update_entry(user, Some(shard), f)
     }
 
@@ -75,7 +80,7 @@ impl Store {
     /// Asks the CPU to start loading `user`'s state into cache (no effect on results). The
     /// lookup itself is done now; the state's cache lines then arrive while the caller works on
     /// something else, typically the event before this one.
-    pub fn prefetch(&self, user: &str) {
+    pub(crate) fn prefetch(&self, user: &str) {
         if let Some(entry) = self.map.get(user) {
             prefetch_lines(&*entry.state);
         }
@@ -136,14 +141,14 @@ impl Store {
 
     /// Every user id, sorted: the order a sweep visits users in, so that results do not depend
     /// on the hash map's (per-process random) iteration order.
-    pub fn sorted_ids(&self) -> Vec<UserId> {
+    pub(crate) fn sorted_ids(&self) -> Vec<UserId> {
         let mut ids: Vec<UserId> = self.map.iter().map(|e| e.key().clone()).collect();
         ids.sort_unstable();
         ids
     }
 
     /// Visits every user changed since the last call (with its shard) and clears the marks.
-    pub fn take_changed(&self, mut f: impl FnMut(&UserId, i32, &UserState)) {
+    pub(crate) fn take_changed(&self, mut f: impl FnMut(&UserId, i32, &UserState)) {
         for mut e in self.map.iter_mut() {
             if e.dirty {
                 e.dirty = false;
@@ -154,7 +159,7 @@ impl Store {
     }
 
     /// Visits every user of `shard`.
-    pub fn visit_shard(&self, shard: i32, mut f: impl FnMut(&UserId, &UserState)) {
+    pub(crate) fn visit_shard(&self, shard: i32, mut f: impl FnMut(&UserId, &UserState)) {
         for e in self.map.iter() {
             if e.shard == shard {
                 f(e.key(), &e.state);
@@ -162,8 +167,10 @@ impl Store {
         }
     }
 
-    /// Removes every user of `shard`; returns their states.
-    pub fn remove_shard(&self, shard: i32) -> Vec<Box<UserState>> {
+    /// Removes every user of `shard`; returns their states, in the boxes the map held them in
+    /// (a state is 13 cache lines: moving the boxes copies none).
+    #[allow(clippy::vec_box)]
+    pub(crate) fn remove_shard(&self, shard: i32) -> Vec<Box<UserState>> {
         let mut out = Vec::new();
         self.map.retain(|_, e| {
             if e.shard == shard {

@@ -83,7 +83,7 @@ pub enum Plan {
 }
 
 /// Decides from each topic's partition count (`None`: missing). Pure.
-pub fn plan(settings: &Settings, topics: &[Topic], counts: &[Option<i32>]) -> Plan {
+pub(crate) fn plan(settings: &Settings, topics: &[Topic], counts: &[Option<i32>]) -> Plan {
     let found: Vec<(&Topic, i32)> = topics
         .iter()
         .zip(counts)
@@ -156,7 +156,7 @@ pub enum TopicsError {
 /// Waits until the cluster answers and every topic exists, creating what `kafka.create_topics`
 /// allows. Returns `Ok(false)` if `cancel` fired first. Between looks (1 s, doubling to 30 s)
 /// the instance is not ready and the log says why, once per look.
-pub async fn prepare(
+pub(crate) async fn prepare(
     settings: &Settings,
     metrics: &Metrics,
     cancel: &CancellationToken,

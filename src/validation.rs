@@ -99,7 +99,7 @@ impl Validation {
     }
 
     /// AUC of the propensity: ties (same bin) count a half. 0.5 until both outcomes were seen.
-    pub fn auc(&self) -> f64 {
+    pub(crate) fn auc(&self) -> f64 {
         let (pos, neg) = (
             self.buyers.iter().sum::<f64>(),
             self.others.iter().sum::<f64>(),
@@ -117,7 +117,7 @@ impl Validation {
     }
 
     /// Pearson's r of predicted value against actual spend; 0 without spread.
-    pub fn pearson(&self) -> f64 {
+    pub(crate) fn pearson(&self) -> f64 {
         let [n, sp, sa, spp, saa, spa] = self.sums;
         let cov = n * spa - sp * sa;
         let var = (n * spp - sp * sp) * (n * saa - sa * sa);
@@ -141,7 +141,7 @@ impl Validation {
 
     /// The predicted ranking's Gini over the ideal one's (1: as good as sorting by the outcome;
     /// 0: no better than chance). 0 before any spend.
-    pub fn normalised_gini(&self) -> f64 {
+    pub(crate) fn normalised_gini(&self) -> f64 {
         let (n, total) = (self.sums[0], self.sums[2]);
         if n == 0.0 || total <= 0.0 {
             return 0.0;
@@ -161,7 +161,7 @@ impl Validation {
 
     /// Labels in (about) tenths by predicted value, highest first: a band is not split, so a
     /// tenth holds whole bands and is as near a tenth as they allow.
-    pub fn deciles(&self) -> Vec<Decile> {
+    pub(crate) fn deciles(&self) -> Vec<Decile> {
         let n = self.sums[0];
         let mut out = Vec::new();
         let mut acc = [0.0; 3];

@@ -35,7 +35,7 @@ pub struct MemoryReport {
 }
 
 /// Resident set size of this process, in bytes (Linux).
-pub fn rss_bytes() -> Option<u64> {
+pub(crate) fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
@@ -353,7 +353,10 @@ pub struct LatencyReport {
 /// from its causing event's produce time (its `event_time`) to the moment the subscriber has it.
 /// With `floor`, segstream does not run: a consumer configured as segstream's reads the input
 /// and times each event itself (one broker hop, where a change takes two).
-pub async fn latency(brokers: &str, options: &LatencyOptions) -> anyhow::Result<LatencyReport> {
+pub(crate) async fn latency(
+    brokers: &str,
+    options: &LatencyOptions,
+) -> anyhow::Result<LatencyReport> {
     let &LatencyOptions {
         rate,
         seconds,
@@ -544,7 +547,7 @@ pub struct RestoreReport {
 
 /// Fills an engine with `users` users, writes a full checkpoint of them to a fresh changelog on
 /// `brokers`, then restores every partition into a fresh engine, timing both.
-pub async fn restore(
+pub(crate) async fn restore(
     brokers: &str,
     users: usize,
     partitions: i32,

@@ -107,7 +107,7 @@ impl TopicsConfig {
     }
 
     /// [`TopicsConfig::all`], to rename them.
-    pub fn all_mut(&mut self) -> [(&'static str, &mut String); 9] {
+    pub(crate) fn all_mut(&mut self) -> [(&'static str, &mut String); 9] {
         [
             ("clickstream", &mut self.clickstream),
             ("purchases", &mut self.purchases),
@@ -309,11 +309,11 @@ pub(super) mod exact_duration {
         humantime::format_duration(d).to_string()
     }
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format(*d))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         humantime_serde::deserialize(d)
     }
 }
@@ -321,10 +321,10 @@ pub(super) mod exact_duration {
 mod humantime_list {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
-    pub fn serialize<S: Serializer>(v: &[Duration; 3], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(v: &[Duration; 3], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().map(|d| super::exact_duration::format(*d)))
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[Duration; 3], D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[Duration; 3], D::Error> {
         let v = Vec::<String>::deserialize(d)?;
         let parsed: Result<Vec<Duration>, _> =
             v.iter().map(|s| humantime::parse_duration(s)).collect();

@@ -93,14 +93,14 @@ impl Settings {
     }
 
     /// The input source a topic name belongs to.
-    pub fn source_of(&self, topic: &str) -> Option<Source> {
+    pub(crate) fn source_of(&self, topic: &str) -> Option<Source> {
         Source::ALL.into_iter().find(|s| self.topic(*s) == topic)
     }
 }
 
 impl RawConfig {
     /// Every rule this configuration breaks, in the order of the file's sections (empty: valid).
-    pub fn problems(&self) -> Vec<ConfigError> {
+    pub(crate) fn problems(&self) -> Vec<ConfigError> {
         let mut errors = Vec::new();
         kafka_problems(&self.kafka, &mut errors);
         if self.decode.max_message_bytes < 64 {

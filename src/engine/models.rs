@@ -113,7 +113,7 @@ impl GlobalState {
 
 impl Engine {
     /// An engine that starts from a saved model (warm start): no re-seeding, the same ids.
-    pub fn with_model(s: &Settings, path: &Path) -> Result<Self, ModelError> {
+    pub(crate) fn with_model(s: &Settings, path: &Path) -> Result<Self, ModelError> {
         let models: Models = serde_json::from_slice(&std::fs::read(path)?)?;
         let models = checked(models, s.model.k)?;
         let mut e = Self::new(s);
@@ -125,18 +125,18 @@ impl Engine {
     }
 
     /// Writes the models (not the per-user state) as JSON.
-    pub fn save_model(&self, path: &Path) -> Result<(), ModelError> {
+    pub(crate) fn save_model(&self, path: &Path) -> Result<(), ModelError> {
         std::fs::write(path, serde_json::to_vec(&self.global.models)?)?;
         Ok(())
     }
 
     /// The models, counters and sweep schedule, encoded for a checkpoint (no user ids).
-    pub fn export_global(&self) -> Vec<u8> {
+    pub(crate) fn export_global(&self) -> Vec<u8> {
         serde_json::to_vec(&self.global).unwrap_or_default()
     }
 
     /// Continues from [`Engine::export_global`]'s output (before restoring users).
-    pub fn restore_global(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
+    pub(crate) fn restore_global(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
         let g: GlobalState = serde_json::from_slice(bytes)?;
         let models = checked(g.models, self.global.models.kmeans.k())?;
         self.global = GlobalState { models, ..g };
@@ -145,13 +145,13 @@ impl Engine {
     }
 
     /// The models alone, encoded for other instances to adopt.
-    pub fn export_models(&self) -> Vec<u8> {
+    pub(crate) fn export_models(&self) -> Vec<u8> {
         serde_json::to_vec(&self.global.models).unwrap_or_default()
     }
 
     /// Replaces the models with a trainer's (same ids: its centroid rows). Users keep their
     /// segments until their next event or sweep decides again with the adopted model.
-    pub fn adopt_models(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
+    pub(crate) fn adopt_models(&mut self, bytes: &[u8]) -> Result<(), ModelError> {
         let models: Models = serde_json::from_slice(bytes)?;
         let models = checked(models, self.global.models.kmeans.k())?;
         if models.kmeans.is_seeded() {

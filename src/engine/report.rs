@@ -77,7 +77,7 @@ impl Engine {
 
     /// Each segment's share of the points k-means absorbed (decayed by forgetting), by id: the
     /// segment sizes a model alone knows, without users.
-    pub fn segment_shares(&self) -> Vec<f64> {
+    pub(crate) fn segment_shares(&self) -> Vec<f64> {
         let counts = self.global.models.kmeans.counts();
         let total: f64 = counts.iter().sum();
         counts
@@ -86,13 +86,13 @@ impl Engine {
             .collect()
     }
 
-    pub fn kmeans_repairs(&self) -> u64 {
+    pub(crate) fn kmeans_repairs(&self) -> u64 {
         self.global.models.kmeans.repairs()
     }
 
     /// Progressive (mean absolute, root mean squared) error of the predicted value, in
     /// currency, and the number of labels it learned from.
-    pub fn value_errors(&self) -> (f64, f64, u64) {
+    pub(crate) fn value_errors(&self) -> (f64, f64, u64) {
         let v = &self.global.models.value;
         let (mae, rmse) = v.errors();
         (mae, rmse, v.labels())
@@ -100,13 +100,13 @@ impl Engine {
 
     /// Progressive calibration of the predicted value (Σ predicted ÷ Σ actual over matured
     /// labels) and log loss of the purchase propensity.
-    pub fn value_calibration(&self) -> (f64, f64) {
+    pub(crate) fn value_calibration(&self) -> (f64, f64) {
         let v = &self.global.models.value;
         (v.calibration(), v.log_loss())
     }
 
     /// Progressive AUC of the propensity and Pearson, Gini and deciles of the value model.
-    pub fn value_validation(&self) -> crate::validation::Report {
+    pub(crate) fn value_validation(&self) -> crate::validation::Report {
         self.global.models.value.validation()
     }
 
@@ -122,12 +122,12 @@ impl Engine {
 
     /// Mean distance of recent events' vectors to their nearest centroid (exponentially
     /// weighted over about a thousand events), in model space: the k-means quality signal.
-    pub fn mean_distance(&self) -> f64 {
+    pub(crate) fn mean_distance(&self) -> f64 {
         self.global.models.distance_ewma
     }
 
     /// Each segment's size and its members' mean predictions (cheap: kept up to date per event).
-    pub fn segment_figures(&self) -> Vec<SegmentFigures> {
+    pub(crate) fn segment_figures(&self) -> Vec<SegmentFigures> {
         self.segment_sizes
             .iter()
             .zip(&self.segment_outlook)

@@ -84,12 +84,12 @@ impl Engine {
     }
 
     /// Catalogue records decided since the last call, for the catalogue topic.
-    pub fn take_catalogue(&mut self) -> Vec<CatalogueRecord> {
+    pub(crate) fn take_catalogue(&mut self) -> Vec<CatalogueRecord> {
         std::mem::take(&mut self.catalogue_out)
     }
 
     /// Whether catalogue records wait to be taken (cheap: for the per-event path).
-    pub fn has_catalogue(&self) -> bool {
+    pub(crate) fn has_catalogue(&self) -> bool {
         !self.catalogue_out.is_empty()
     }
 

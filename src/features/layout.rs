@@ -248,17 +248,17 @@ fn locate(i: usize) -> (Group, Block, usize) {
 }
 
 /// Name of component `i` (e.g. `views_per_day_short`, `monetary`, `category_3`).
-pub fn feature_name(i: usize) -> &'static str {
+pub(crate) fn feature_name(i: usize) -> &'static str {
     &FEATURE_NAMES[i]
 }
 
 /// Index of the feature called `name`.
-pub fn feature_index(name: &str) -> Option<usize> {
+pub(crate) fn feature_index(name: &str) -> Option<usize> {
     FEATURE_NAMES.iter().position(|n| n == name)
 }
 
 /// How descriptions word component `i`.
-pub fn words_of(i: usize) -> Words {
+pub(crate) fn words_of(i: usize) -> Words {
     match locate(i) {
         (_, Block::PerHalfLife(kinds), k) => Words::Rate(k / kinds.len(), kinds[k % kinds.len()].1),
         (_, Block::Named(features), k) => features[k].words,
@@ -287,6 +287,6 @@ fn build_name(i: usize) -> String {
 }
 
 /// The group of component `i`.
-pub fn group_of(i: usize) -> Group {
+pub(crate) fn group_of(i: usize) -> Group {
     locate(i).0
 }

@@ -15,7 +15,7 @@ pub struct Decay {
 }
 
 impl Decay {
-    pub fn from_half_life_ms(half_life_ms: f64) -> Self {
+    pub(crate) fn from_half_life_ms(half_life_ms: f64) -> Self {
         Self {
             rate_per_ms: std::f64::consts::LN_2 / half_life_ms,
             half_life_days: half_life_ms / DAY_MS,
@@ -23,7 +23,7 @@ impl Decay {
     }
 
     /// Factor by which a sum shrinks over `dt_ms >= 0`, in (0, 1].
-    pub fn factor(&self, dt_ms: i64) -> f64 {
+    pub(crate) fn factor(&self, dt_ms: i64) -> f64 {
         (-(dt_ms.max(0) as f64) * self.rate_per_ms).exp()
     }
 

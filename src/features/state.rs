@@ -86,7 +86,7 @@ pub struct Signals {
 }
 
 /// A stable 32-bit name of an action tag: 0 for no action; never [`UNKNOWN_ACTION`].
-pub fn action_tag_hash(tag: Option<&str>) -> u32 {
+pub(crate) fn action_tag_hash(tag: Option<&str>) -> u32 {
     tag.map_or(0, |t| {
         (fnv1a(t.bytes()) as u32).clamp(1, UNKNOWN_ACTION - 1)
     })
@@ -131,7 +131,7 @@ impl LabelWindow {
 
 impl UserState {
     /// True if an event with this id was applied recently (it is then not applied again).
-    pub fn is_duplicate(&self, event_id: &str) -> bool {
+    pub(crate) fn is_duplicate(&self, event_id: &str) -> bool {
         let h = fnv1a(event_id.bytes()) | 1; // never 0, the empty slot
         self.recent_ids.contains(&h)
     }
@@ -341,7 +341,7 @@ impl UserState {
     /// buyer's true rate, and for a newcomer a rate as if they had been watched for the whole
     /// decay window, which shrinks one first purchase (to ln 2 · horizon / half-life of it)
     /// instead of extrapolating a few days of tenure.
-    pub fn recent_spend_over(&self, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
+    pub(crate) fn recent_spend_over(&self, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
         self.long_rate_over(SPEND, t, horizon_ms, p)
     }
 
@@ -368,12 +368,17 @@ impl UserState {
     /// The cold-start propensity: P(at least one order within `horizon_ms` of `t`) if the
     /// user keeps ordering at their long-decayed order rate (read as [`Self::recent_spend_over`]
     /// reads spend), orders arriving as a Poisson process: `1 − exp(−rate · horizon)`.
-    pub fn recent_purchase_probability(&self, t: i64, horizon_ms: i64, p: &FeatureParams) -> f64 {
+    pub(crate) fn recent_purchase_probability(
+        &self,
+        t: i64,
+        horizon_ms: i64,
+        p: &FeatureParams,
+    ) -> f64 {
         1.0 - (-self.long_rate_over(ORDERS, t, horizon_ms, p)).exp()
     }
 
     /// Net spend of a purchase event (negative for cancellations and refunds).
-    pub fn net_spend(event: &Event) -> f64 {
+    pub(crate) fn net_spend(event: &Event) -> f64 {
         match event {
             Event::Purchase(o) if o.status == OrderStatus::Placed => o.total,
             Event::Purchase(o) => -o.total,
@@ -394,10 +399,10 @@ pub(super) mod features_as_f64 {
     use super::DIM;
     use half::f16;
     use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[f16; DIM], s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(v: &[f16; DIM], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().map(|x| x.to_f64()))
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[f16; DIM], D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[f16; DIM], D::Error> {
         let v = Vec::<f64>::deserialize(d)?;
         if v.len() != DIM {
             return Err(serde::de::Error::invalid_length(

@@ -4,7 +4,7 @@
 use super::layout::{CATEGORY_BUCKETS, EMBED_DIM};
 
 /// FNV-1a (64 bit): a stable hash across builds and platforms, unlike `std`'s hasher.
-pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+pub(crate) fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(b);
@@ -14,7 +14,7 @@ pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
 }
 
 /// Stable bucket of a category name (case-insensitive).
-pub fn category_bucket(category: &str) -> usize {
+pub(crate) fn category_bucket(category: &str) -> usize {
     (fnv1a(category.trim().bytes().map(|b| b.to_ascii_lowercase())) % CATEGORY_BUCKETS as u64)
         as usize
 }
@@ -77,7 +77,7 @@ pub(super) const NEGATORS: [&str; 5] = ["not", "no", "never", "dont", "isnt"];
 /// apostrophes removed. An ASCII token of up to 32 bytes (nearly all words) is lowercased on
 /// the stack; others go through `str::to_lowercase` (Unicode rules, final sigma included).
 /// Allocating two strings per token used to make a review's words most of its event's cost.
-pub fn for_each_token(text: &str, mut f: impl FnMut(&str)) {
+pub(crate) fn for_each_token(text: &str, mut f: impl FnMut(&str)) {
     let mut buf = [0u8; 32];
     for t in text.split(|c: char| !c.is_alphanumeric() && c != '\'') {
         if t.is_empty() {

@@ -117,7 +117,7 @@ impl UserState {
     }
 
     /// Named feature values as of `t` (see [`UserState::vector_at`]).
-    pub fn named_at(&self, t: i64, p: &FeatureParams) -> Vec<(String, f64)> {
+    pub(crate) fn named_at(&self, t: i64, p: &FeatureParams) -> Vec<(String, f64)> {
         self.vector_at(t, p)
             .into_iter()
             .enumerate()

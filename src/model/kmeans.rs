@@ -115,7 +115,7 @@ impl KMeans {
         self.centroids.as_ref()
     }
 
-    pub fn repairs(&self) -> u64 {
+    pub(crate) fn repairs(&self) -> u64 {
         self.repairs
     }
 
@@ -125,19 +125,19 @@ impl KMeans {
     }
 
     /// Counts fits and repairs (see the field); changes whenever centroids jump.
-    pub fn reshapes(&self) -> u64 {
+    pub(crate) fn reshapes(&self) -> u64 {
         self.reshapes
     }
 
     /// Restores the reservoir RNG after loading (it is not saved): a deterministic function of
     /// the seed and the model version.
-    pub fn after_load(&mut self) {
+    pub(crate) fn after_load(&mut self) {
         self.rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed_5eed ^ self.updates);
     }
 
     /// Offers a user seen for the first time to the reservoir sample (Algorithm R: the i-th user
     /// replaces a random slot with probability `init_users / i`).
-    pub fn offer_user(&mut self, user: &str) {
+    pub(crate) fn offer_user(&mut self, user: &str) {
         self.users_offered += 1;
         if self.reservoir.len() < self.init_users {
             self.reservoir.push(user.to_owned());
@@ -150,7 +150,7 @@ impl KMeans {
     }
 
     /// Forgets a user (erasure): they leave the sample.
-    pub fn forget_user(&mut self, user: &str) {
+    pub(crate) fn forget_user(&mut self, user: &str) {
         self.reservoir.retain(|u| u != user);
     }
 
@@ -248,7 +248,7 @@ impl KMeans {
     }
 
     /// Distance from `z` to centroid `j`.
-    pub fn distance_to(&self, j: usize, z: &Vector) -> f64 {
+    pub(crate) fn distance_to(&self, j: usize, z: &Vector) -> f64 {
         self.centroids.as_ref().map_or(f64::INFINITY, |c| {
             dist2(c.row(j).as_slice().unwrap_or(&[]), z).sqrt()
         })
@@ -335,7 +335,7 @@ impl KMeans {
     }
 
     /// The repairs since the last call: (repaired id, the id whose segment it split).
-    pub fn take_splits(&mut self) -> Vec<(u32, u32)> {
+    pub(crate) fn take_splits(&mut self) -> Vec<(u32, u32)> {
         std::mem::take(&mut self.splits)
     }
 }

@@ -47,7 +47,7 @@ impl Scaler {
         Self::weighted(clip_z, [1.0; DIM])
     }
 
-    pub fn weighted(clip_z: f64, weights: Vector) -> Self {
+    pub(crate) fn weighted(clip_z: f64, weights: Vector) -> Self {
         Self {
             n: 0.0,
             mean: vec![0.0; DIM],
@@ -62,7 +62,7 @@ impl Scaler {
     }
 
     /// Weights observations by a half-life of `ms` of event time (0: never forget).
-    pub fn with_half_life(mut self, ms: f64) -> Self {
+    pub(crate) fn with_half_life(mut self, ms: f64) -> Self {
         self.half_life_ms = ms;
         self
     }
@@ -92,14 +92,14 @@ impl Scaler {
     }
 
     /// The weight of component `i`.
-    pub fn weight(&self, i: usize) -> f64 {
+    pub(crate) fn weight(&self, i: usize) -> f64 {
         self.weights[i]
     }
 
     /// Welford: `mean += (x - mean) / n; m2 += (x - mean_old) * (x - mean_new)`, after the
     /// weights so far decayed over the event time since the latest observation (`t_ms`; an
     /// earlier time decays nothing).
-    pub fn observe(&mut self, x: &Vector, t_ms: i64) {
+    pub(crate) fn observe(&mut self, x: &Vector, t_ms: i64) {
         if self.half_life_ms > 0.0 && self.clock_ms != i64::MIN && t_ms > self.clock_ms {
             let dt = (t_ms - self.clock_ms) as f64;
             let f = (-dt * std::f64::consts::LN_2 / self.half_life_ms).exp();

@@ -147,7 +147,7 @@ impl ValueModel {
     }
 
     /// Expected spend given a purchase: the log-normal mean `exp(μ + σ²/2)`.
-    pub fn spend_if_buying(&self, x: &Vector) -> f64 {
+    pub(crate) fn spend_if_buying(&self, x: &Vector) -> f64 {
         if self.buyers == 0 {
             return 0.0;
         }
@@ -201,7 +201,7 @@ impl ValueModel {
     /// How far the model is trusted over the cold-start rule, in [0, 1]: it rises linearly to 1
     /// at [`WARM_LABELS`] labels of which [`WARM_BUYERS`] had spend (the regressions need
     /// examples of both parts before their weights mean more than the offsets).
-    pub fn maturity(&self) -> f64 {
+    pub(crate) fn maturity(&self) -> f64 {
         (self.labels as f64 / WARM_LABELS)
             .min(self.buyers as f64 / WARM_BUYERS)
             .min(1.0)
@@ -223,18 +223,18 @@ impl ValueModel {
     }
 
     /// Progressive mean absolute and root mean squared error, in currency.
-    pub fn errors(&self) -> (f64, f64) {
+    pub(crate) fn errors(&self) -> (f64, f64) {
         let n = self.labels.max(1) as f64;
         (self.abs_err_sum / n, (self.sq_err_sum / n).sqrt())
     }
 
     /// Progressive AUC, Pearson, normalised Gini and deciles (labels after the first).
-    pub fn validation(&self) -> Report {
+    pub(crate) fn validation(&self) -> Report {
         self.validation.report()
     }
 
     /// Progressive mean log loss of the purchase propensity (ln 2 ≈ 0.69 is a coin).
-    pub fn log_loss(&self) -> f64 {
+    pub(crate) fn log_loss(&self) -> f64 {
         self.log_loss_sum / self.labels.saturating_sub(1).max(1) as f64
     }
 }
