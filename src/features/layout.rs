@@ -176,8 +176,15 @@ const fn start_of(group: Group) -> usize {
     start
 }
 
-/// Length of the feature vector.
-pub const DIM: usize = start_of(Group::Embedding) + EMBED_DIM;
+/// Length of the feature vector: every block of the layout.
+pub const DIM: usize = {
+    let (mut n, mut b) = (0, 0);
+    while b < LAYOUT.len() {
+        n += block_len(&LAYOUT[b].1);
+        b += 1;
+    }
+    n
+};
 
 /// A feature vector.
 pub type Vector = [f64; DIM];
