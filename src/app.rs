@@ -2,7 +2,7 @@
 //! self-contained demo (`demo`). Everything here is glue between the pure core and the edges.
 
 use crate::clock::wall_ms;
-use crate::config::{RawConfig, Settings};
+use crate::config::{KafkaConfig, RawConfig, Settings, WireFormat};
 use crate::encode::decode_change;
 use crate::engine::Engine;
 use crate::event::Source;
@@ -93,7 +93,7 @@ pub async fn generate(
         .await
         .context("creating input topics")?;
     }
-    let producer = producer(settings).context("creating producer")?;
+    let producer = producer(&settings.kafka).context("creating producer")?;
     let mut generator = Generator::new(opts.seed, opts.users, opts.malformed_ratio);
     let mut summary = GenerateSummary::default();
     let mut in_flight: VecDeque<DeliveryFuture> = VecDeque::new();
@@ -251,7 +251,8 @@ pub async fn demo(opts: DemoOptions, cancel: CancellationToken) -> anyhow::Resul
     };
     let view = Arc::new(Mutex::new(SubscriberView::default()));
     let subscriber = tokio::spawn(subscribe(
-        settings.clone(),
+        settings.kafka.clone(),
+        settings.output.format,
         view.clone(),
         stop.child_token(),
     ));
@@ -427,16 +428,17 @@ fn print_summary(
 
 /// A subscriber of the output topic, as a marketing system would run one.
 async fn subscribe(
-    settings: Settings,
+    kafka: KafkaConfig,
+    format: WireFormat,
     view: Arc<Mutex<SubscriberView>>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &settings.kafka.brokers)
+        .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", "segstream-demo-subscriber")
         .set("auto.offset.reset", "earliest")
         .create()?;
-    consumer.subscribe(&[&settings.kafka.topics.segment_changes])?;
+    consumer.subscribe(&[&kafka.topics.segment_changes])?;
     let mut last_version: HashMap<String, i64> = HashMap::new();
     loop {
         let msg = tokio::select! {
@@ -445,7 +447,7 @@ async fn subscribe(
             m = consumer.recv() => m,
         };
         let Ok(msg) = msg else { continue };
-        match decode_change(msg.payload().unwrap_or_default(), settings.output.format) {
+        match decode_change(msg.payload().unwrap_or_default(), format) {
             Ok(c) => {
                 // Drop repeats by version, as the schema documents.
                 let seen = last_version.entry(c.user_id.clone()).or_insert(0);

@@ -13,7 +13,7 @@ use crate::changelog::{
     encode_marker, encode_user, Marker, Restored, Restorer, EPOCH_HEADER, KIND_GLOBAL, KIND_HEADER,
     KIND_MARKER, KIND_USER, MARKER_KEY,
 };
-use crate::config::Settings;
+use crate::config::KafkaConfig;
 use crate::engine::{Engine, UserRecord};
 use crate::features::LAYOUT_VERSION;
 use crate::kafka::{apply_properties, send};
@@ -107,14 +107,14 @@ impl ConsumerContext for EndOfLog {}
 /// Reads changelog partition `partition` from its start to its end (blocking; run it off the
 /// async workers) and restores it by the changelog's rules.
 pub fn restore_partition(
-    settings: &Settings,
+    kafka: &KafkaConfig,
     partition: i32,
 ) -> Result<(Restored, Option<Vec<u8>>), CheckpointError> {
     // A stalled read (broker gone) fails the restore rather than serving partial state.
     const IDLE: Duration = Duration::from_secs(60);
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &settings.kafka.brokers)
-        .set("group.id", format!("{}-restore", settings.kafka.group_id))
+    cfg.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("{}-restore", kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         // The end of the log is known only from a fetch that finds nothing more, which the
@@ -122,9 +122,9 @@ pub fn restore_partition(
         .set("fetch.wait.max.ms", "20")
         .set("fetch.max.bytes", "4194304")
         .set("max.partition.fetch.bytes", "4194304");
-    apply_properties(&mut cfg, &settings.kafka.properties);
+    apply_properties(&mut cfg, &kafka.properties);
     let consumer: BaseConsumer<EndOfLog> = cfg.create_with_context(EndOfLog)?;
-    assign_from_start(&consumer, &settings.kafka.topics.changelog, partition)?;
+    assign_from_start(&consumer, &kafka.topics.changelog, partition)?;
     let mut restorer = Restorer::default();
     let mut globals: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut global = None;
@@ -236,13 +236,13 @@ pub struct Snapshot {
 /// restore. A partition's checkpoint is full every `state.full_checkpoint_every`-th time, and the
 /// first time after its restore.
 pub fn take(
-    settings: &Settings,
+    full_every: u32,
     engine: &mut Engine,
     owned: &BTreeMap<i32, Owned>,
     offsets: &HashMap<(&'static str, i32), i64>,
     now_ms: i64,
 ) -> Snapshot {
-    let every = settings.state.full_checkpoint_every;
+    let every = full_every;
     let full: Vec<i32> = owned
         .iter()
         .filter(|(_, o)| o.since_full.is_none_or(|n| n + 1 >= every))
@@ -291,11 +291,11 @@ pub fn take(
 /// Writes a checkpoint and waits for the broker to acknowledge all of it. Each partition's
 /// records go first, then the engine's global state, then the marker that makes them count.
 pub async fn write(
-    settings: &Settings,
+    kafka: &KafkaConfig,
     producer: &FutureProducer,
     snapshot: &Snapshot,
 ) -> Result<Written, CheckpointError> {
-    let topic = settings.kafka.topics.changelog.as_str();
+    let topic = kafka.topics.changelog.as_str();
     let mut deliveries = Vec::new();
     let mut written = Written::default();
     for part in &snapshot.parts {
@@ -375,15 +375,15 @@ pub const MODEL_KEY: &[u8] = b"segstream.models";
 /// A consumer of the model topic from its start, reporting its end (`enable.partition.eof`):
 /// the pipeline reads it to the end for the latest models before consuming input, then keeps
 /// following it. Blocking (it waits for the topic's metadata): run it off the async workers.
-pub(crate) fn model_follower(settings: &Settings) -> Result<StreamConsumer<EndOfLog>, KafkaError> {
+pub(crate) fn model_follower(kafka: &KafkaConfig) -> Result<StreamConsumer<EndOfLog>, KafkaError> {
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &settings.kafka.brokers)
-        .set("group.id", format!("{}-models", settings.kafka.group_id))
+    cfg.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("{}-models", kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true");
-    apply_properties(&mut cfg, &settings.kafka.properties);
+    apply_properties(&mut cfg, &kafka.properties);
     let consumer: StreamConsumer<EndOfLog> = cfg.create_with_context(EndOfLog)?;
-    assign_from_start(&consumer, &settings.kafka.topics.model, 0)?;
+    assign_from_start(&consumer, &kafka.topics.model, 0)?;
     Ok(consumer)
 }
 
@@ -405,11 +405,11 @@ fn assign_from_start<C: ConsumerContext>(
 
 /// Publishes the trainer's models (`Engine::export_models`) to the model topic.
 pub(crate) async fn publish_models(
-    settings: &Settings,
+    kafka: &KafkaConfig,
     producer: &FutureProducer,
     bytes: &[u8],
 ) -> Result<DeliveryFuture, KafkaError> {
-    let r = FutureRecord::to(&settings.kafka.topics.model)
+    let r = FutureRecord::to(&kafka.topics.model)
         .partition(0)
         .key(MODEL_KEY)
         .payload(bytes);

@@ -2,7 +2,7 @@
 //! revoke, or a revoke handed to the pipeline to checkpoint first), the producer, and topic
 //! creation. The only module besides `pipeline` that knows rdkafka.
 
-use crate::config::Settings;
+use crate::config::{KafkaConfig, Settings};
 use crate::metrics::Metrics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -178,10 +178,11 @@ pub(crate) fn apply_properties(cfg: &mut ClientConfig, props: &BTreeMap<String, 
 
 /// The consumer's configuration: at-least-once (offsets stored by the pipeline only after an
 /// event's effects are delivered, then auto-committed), then the pass-through properties.
-pub(crate) fn consumer_config(s: &Settings) -> ClientConfig {
+/// `checkpoints`: offsets are committed from checkpoints (`state.checkpoints`), not automatically.
+pub(crate) fn consumer_config(kafka: &KafkaConfig, checkpoints: bool) -> ClientConfig {
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &s.kafka.brokers)
-        .set("group.id", &s.kafka.group_id)
+    cfg.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &kafka.group_id)
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
@@ -192,7 +193,7 @@ pub(crate) fn consumer_config(s: &Settings) -> ClientConfig {
         // queue stays bounded by `queued.max.messages.kbytes` (64 MB per partition).
         .set("max.partition.fetch.bytes", "10485760")
         .set("queued.min.messages", "1000000");
-    if s.state.checkpoints {
+    if checkpoints {
         // Offsets are committed from checkpoints; the range assignor gives one instance the same
         // partition number of every (co-partitioned) input.
         cfg.set("enable.auto.commit", "false")
@@ -201,26 +202,26 @@ pub(crate) fn consumer_config(s: &Settings) -> ClientConfig {
         cfg.set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000");
     }
-    apply_properties(&mut cfg, &s.kafka.properties);
-    apply_properties(&mut cfg, &s.kafka.consumer_properties);
+    apply_properties(&mut cfg, &kafka.properties);
+    apply_properties(&mut cfg, &kafka.consumer_properties);
     cfg
 }
 
 /// The producer's configuration: idempotent (no duplicates from internal retries, per-partition
 /// order kept), then the pass-through properties.
-pub(crate) fn producer_config(s: &Settings) -> ClientConfig {
+pub(crate) fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &s.kafka.brokers)
+    cfg.set("bootstrap.servers", &kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
-    apply_properties(&mut cfg, &s.kafka.properties);
-    apply_properties(&mut cfg, &s.kafka.producer_properties);
+    apply_properties(&mut cfg, &kafka.properties);
+    apply_properties(&mut cfg, &kafka.producer_properties);
     cfg
 }
 
-pub fn producer(s: &Settings) -> Result<FutureProducer, KafkaError> {
-    producer_config(s).create()
+pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    producer_config(kafka).create()
 }
 
 /// Creates the topics that do not exist yet (an existing topic is left as it is).
@@ -296,17 +297,17 @@ pub async fn send(
 
 /// Creates one topic (an existing one is left as it is), with `kafka.replication_factor`.
 pub(crate) async fn create_topic(
-    s: &Settings,
+    kafka: &KafkaConfig,
     topic: &str,
     partitions: i32,
     config: &[(&str, String)],
 ) -> Result<(), KafkaError> {
-    let replication = TopicReplication::Fixed(s.kafka.replication_factor);
+    let replication = TopicReplication::Fixed(kafka.replication_factor);
     let new = config.iter().fold(
         NewTopic::new(topic, partitions, replication),
         |n, (k, v)| n.set(k, v),
     );
-    create_topics(&s.kafka.brokers, &s.kafka.properties, &[new]).await
+    create_topics(&kafka.brokers, &kafka.properties, &[new]).await
 }
 
 /// Why no broker answered, from the errors the client reported while it tried.
@@ -369,10 +370,10 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn new(s: &Settings) -> Result<Probe, KafkaError> {
+    pub fn new(kafka: &KafkaConfig) -> Result<Probe, KafkaError> {
         let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &s.kafka.brokers);
-        apply_properties(&mut cfg, &s.kafka.properties);
+        cfg.set("bootstrap.servers", &kafka.brokers);
+        apply_properties(&mut cfg, &kafka.properties);
         let consumer = cfg.create_with_context(ProbeContext::default())?;
         Ok(Probe {
             consumer: std::sync::Arc::new(consumer),
@@ -511,12 +512,12 @@ pub fn check_clients(s: &Settings) -> Result<(), ClientCheckError> {
         }
     };
     // Without bootstrap servers the clients never connect.
-    let mut consumer = consumer_config(s);
+    let mut consumer = consumer_config(&s.kafka, s.state.checkpoints);
     consumer.remove("bootstrap.servers");
     consumer
         .create_with_context::<_, BaseConsumer<Quiet>>(Quiet)
         .map_err(refused("consumer"))?;
-    let mut producer = producer_config(s);
+    let mut producer = producer_config(&s.kafka);
     producer.remove("bootstrap.servers");
     producer
         .create_with_context::<_, rdkafka::producer::BaseProducer<Quiet>>(Quiet)

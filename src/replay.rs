@@ -2,7 +2,7 @@
 //! event-time order and run through the same decode → engine code as the Kafka path. Writes the
 //! segment changes, the final per-user state and the dead letters as NDJSON.
 
-use crate::config::{Settings, WireFormat};
+use crate::config::{DecodeConfig, ModelConfig, Settings, WireFormat};
 use crate::decode::{DecodeError, Decoder};
 use crate::engine::{Engine, Outcome};
 use crate::event::{Event, Source};
@@ -99,7 +99,7 @@ pub fn replay(
 ) -> anyhow::Result<(Engine, ReplayReport)> {
     let mut report = ReplayReport::default();
     let mut out = Sinks::open(outputs)?;
-    let events = read_events(settings, inputs, options, &mut report, &mut out)?;
+    let events = read_events(&settings.decode, inputs, options, &mut report, &mut out)?;
     let mut engine = match &options.model {
         Some(path) => Engine::with_model(settings, path)
             .with_context(|| format!("loading model {}", path.display()))?,
@@ -120,7 +120,7 @@ pub fn replay(
         "Replay done."
     );
     summarise(&engine, &mut report);
-    warn_if_young(settings, &engine, events.len());
+    warn_if_young(&settings.model, &engine, events.len());
     Ok((engine, report))
 }
 
@@ -130,13 +130,13 @@ type Timed = (i64, Source, u64, Event);
 /// Every input file's valid events, in event-time order (ties keep the topic and then the file
 /// order, so replay is deterministic), up to the cut-off; unusable lines are dead-lettered.
 fn read_events(
-    settings: &Settings,
+    decode: &DecodeConfig,
     inputs: &ReplayInputs,
     options: &ReplayOptions,
     report: &mut ReplayReport,
     out: &mut Sinks,
 ) -> anyhow::Result<Vec<Timed>> {
-    let decoder = Decoder::new(settings.decode.clone());
+    let decoder = Decoder::new(decode.clone());
     let mut events: Vec<Timed> = Vec::new();
     for (source, path) in [
         (Source::Clickstream, &inputs.clickstream),
@@ -303,12 +303,12 @@ fn summarise(engine: &Engine, report: &mut ReplayReport) {
 }
 
 /// Says so when the history was too short for segments or for the value model.
-fn warn_if_young(settings: &Settings, engine: &Engine, events: usize) {
+fn warn_if_young(model: &ModelConfig, engine: &Engine, events: usize) {
     if !engine.is_seeded() {
         tracing::warn!(
             events,
-            init_users = settings.model.init_users,
-            init_events = settings.model.init_events,
+            init_users = model.init_users,
+            init_events = model.init_events,
             "No segments yet: k-means seeds after model.init_events events from model.init_users users, which this history does not reach. A saved model has no segments; replay more history or lower them."
         );
     }

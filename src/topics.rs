@@ -3,7 +3,7 @@
 //! ones segstream may create are created, and until all exist (co-partitioned) the instance
 //! waits, not ready, saying in the log what is missing or why no broker answers.
 
-use crate::config::{CreateTopics, Settings};
+use crate::config::{CreateTopics, KafkaConfig, Settings, StateConfig, TopicsConfig};
 use crate::kafka::{self, Reachability};
 use crate::metrics::Metrics;
 use std::time::Duration;
@@ -33,8 +33,8 @@ pub struct Topic {
     pub copartitioned: bool,
 }
 
-/// The topics `settings` uses: inputs and outputs, and the state topics with checkpoints on.
-pub fn of(settings: &Settings) -> Vec<Topic> {
+/// The topics in use: inputs and outputs, and the state topics with checkpoints on.
+pub fn of(topics: &TopicsConfig, checkpoints: bool) -> Vec<Topic> {
     let topic = |(key, name): (&'static str, &String)| {
         let (role, copartitioned) = match key {
             "clickstream" | "purchases" | "social" => (Role::Input, true),
@@ -42,7 +42,7 @@ pub fn of(settings: &Settings) -> Vec<Topic> {
             "model" => (Role::State, false),
             _ => (Role::Output, false),
         };
-        let used = role != Role::State || settings.state.checkpoints;
+        let used = role != Role::State || checkpoints;
         used.then(|| Topic {
             key,
             name: name.clone(),
@@ -50,13 +50,7 @@ pub fn of(settings: &Settings) -> Vec<Topic> {
             copartitioned,
         })
     };
-    settings
-        .kafka
-        .topics
-        .all()
-        .into_iter()
-        .filter_map(topic)
-        .collect()
+    topics.all().into_iter().filter_map(topic).collect()
 }
 
 /// Whether `create` lets segstream create a topic of `role`.
@@ -83,7 +77,7 @@ pub enum Plan {
 }
 
 /// Decides from each topic's partition count (`None`: missing). Pure.
-pub(crate) fn plan(settings: &Settings, topics: &[Topic], counts: &[Option<i32>]) -> Plan {
+pub(crate) fn plan(kafka: &KafkaConfig, topics: &[Topic], counts: &[Option<i32>]) -> Plan {
     let found: Vec<(&Topic, i32)> = topics
         .iter()
         .zip(counts)
@@ -102,8 +96,8 @@ pub(crate) fn plan(settings: &Settings, topics: &[Topic], counts: &[Option<i32>]
     // The partition count co-partitioned topics must have: what one of them has, or, when
     // segstream may create inputs, `kafka.input_partitions`.
     let known = copartitioned.first().map(|(_, n)| *n);
-    let target = known.or((settings.kafka.create_topics == CreateTopics::All)
-        .then_some(settings.kafka.input_partitions));
+    let target =
+        known.or((kafka.create_topics == CreateTopics::All).then_some(kafka.input_partitions));
     let mut create = Vec::new();
     let mut wait_for = Vec::new();
     for (t, c) in topics.iter().zip(counts) {
@@ -116,12 +110,10 @@ pub(crate) fn plan(settings: &Settings, topics: &[Topic], counts: &[Option<i32>]
             // One partition: one order of models.
             Some(1)
         } else {
-            Some(target.unwrap_or(settings.kafka.input_partitions))
+            Some(target.unwrap_or(kafka.input_partitions))
         };
         match partitions {
-            Some(n) if may_create(settings.kafka.create_topics, t.role) => {
-                create.push((t.clone(), n))
-            }
+            Some(n) if may_create(kafka.create_topics, t.role) => create.push((t.clone(), n)),
             _ => wait_for.push(t.clone()),
         }
     }
@@ -133,8 +125,8 @@ pub(crate) fn plan(settings: &Settings, topics: &[Topic], counts: &[Option<i32>]
 }
 
 /// What a user should do about a missing topic, for the log.
-fn advice(topic: &Topic, settings: &Settings) -> &'static str {
-    match (topic.role, settings.kafka.create_topics) {
+fn advice(topic: &Topic, create: CreateTopics) -> &'static str {
+    match (topic.role, create) {
         (Role::Input, _) => {
             "create it as the producers' topic (as many partitions as the other inputs), or set kafka.create_topics = \"all\""
         }
@@ -161,9 +153,9 @@ pub(crate) async fn prepare(
     metrics: &Metrics,
     cancel: &CancellationToken,
 ) -> Result<bool, TopicsError> {
-    let topics = of(settings);
+    let topics = of(&settings.kafka.topics, settings.state.checkpoints);
     let names: Vec<String> = topics.iter().map(|t| t.name.clone()).collect();
-    let probe = kafka::Probe::new(settings).map_err(TopicsError::Client)?;
+    let probe = kafka::Probe::new(&settings.kafka).map_err(TopicsError::Client)?;
     let mut wait = Duration::from_secs(1);
     loop {
         let p = probe.clone();
@@ -184,16 +176,17 @@ pub(crate) async fn prepare(
                     "Cannot reach the Kafka cluster."
                 );
             }
-            Ok(counts) => match plan(settings, &topics, &counts) {
+            Ok(counts) => match plan(&settings.kafka, &topics, &counts) {
                 Plan::Ready => return Ok(true),
                 Plan::NotCopartitioned(found) => return Err(TopicsError::NotCopartitioned(found)),
                 Plan::Missing { create, wait_for } => {
                     let mut refused = false;
                     for (t, partitions) in &create {
                         info!(topic = %t.name, partitions, "Creating a missing topic.");
-                        let config = topic_config(settings, t);
+                        let config = topic_config(&settings.state, t);
                         if let Err(e) =
-                            kafka::create_topic(settings, &t.name, *partitions, &config).await
+                            kafka::create_topic(&settings.kafka, &t.name, *partitions, &config)
+                                .await
                         {
                             // Most often no CREATE permission (ACLs) or a topic policy: say
                             // so and wait, as for a topic segstream may not create.
@@ -217,7 +210,7 @@ pub(crate) async fn prepare(
                         error!(
                             topic = %t.name,
                             key = %format!("kafka.topics.{}", t.key),
-                            what_to_do = advice(t, settings),
+                            what_to_do = advice(t, settings.kafka.create_topics),
                             retry_in = ?wait,
                             "A topic segstream needs does not exist."
                         );
@@ -234,10 +227,10 @@ pub(crate) async fn prepare(
 }
 
 /// Topic configuration segstream sets on a topic it creates.
-fn topic_config(settings: &Settings, t: &Topic) -> Vec<(&'static str, String)> {
+fn topic_config(state: &StateConfig, t: &Topic) -> Vec<(&'static str, String)> {
     let retention = match t.key {
-        "changelog" => settings.state.changelog_retention,
-        "model" => settings.state.model_retention,
+        "changelog" => state.changelog_retention,
+        "model" => state.model_retention,
         _ => return Vec::new(),
     };
     vec![
@@ -264,7 +257,7 @@ mod tests {
     #[test]
     fn every_topic_is_listed_once_with_its_role() {
         let s = settings(CreateTopics::Outputs);
-        let t = of(&s);
+        let t = of(&s.kafka.topics, s.state.checkpoints);
         assert_eq!(
             names(&t),
             [
@@ -281,13 +274,14 @@ mod tests {
         );
         let mut raw = RawConfig::default();
         raw.state.checkpoints = false;
-        assert_eq!(of(&raw.validate().unwrap()).len(), 6);
+        let s = raw.validate().unwrap();
+        assert_eq!(of(&s.kafka.topics, s.state.checkpoints).len(), 6);
     }
 
     #[test]
     fn by_default_outputs_and_state_are_created_and_missing_inputs_are_waited_for() {
         let s = settings(CreateTopics::Outputs);
-        let t = of(&s);
+        let t = of(&s.kafka.topics, s.state.checkpoints);
         // Inputs with 4 partitions exist, nothing else.
         let counts = [
             Some(4),
@@ -300,7 +294,7 @@ mod tests {
             None,
             None,
         ];
-        let Plan::Missing { create, wait_for } = plan(&s, &t, &counts) else {
+        let Plan::Missing { create, wait_for } = plan(&s.kafka, &t, &counts) else {
             panic!("expected missing topics")
         };
         assert!(wait_for.is_empty());
@@ -330,14 +324,14 @@ mod tests {
             Some(1),
         ];
         assert_eq!(
-            plan(&s, &t, &counts),
+            plan(&s.kafka, &t, &counts),
             Plan::Missing {
                 create: vec![],
                 wait_for: vec![t[1].clone()]
             }
         );
         let none = [None; 9];
-        let Plan::Missing { create, wait_for } = plan(&s, &t, &none) else {
+        let Plan::Missing { create, wait_for } = plan(&s.kafka, &t, &none) else {
             panic!()
         };
         assert_eq!(
@@ -369,14 +363,14 @@ mod tests {
             Some(1),
         ];
         let s = settings(CreateTopics::None);
-        let t = of(&s);
-        let Plan::Missing { create, wait_for } = plan(&s, &t, &counts) else {
+        let t = of(&s.kafka.topics, s.state.checkpoints);
+        let Plan::Missing { create, wait_for } = plan(&s.kafka, &t, &counts) else {
             panic!()
         };
         assert!(create.is_empty());
         assert_eq!(names(&wait_for), ["purchases", "segment_changes"]);
         let s = settings(CreateTopics::All);
-        let Plan::Missing { create, wait_for } = plan(&s, &t, &counts) else {
+        let Plan::Missing { create, wait_for } = plan(&s.kafka, &t, &counts) else {
             panic!()
         };
         assert!(wait_for.is_empty());
@@ -385,7 +379,7 @@ mod tests {
             [("purchases", 3), ("segment_changes", 3)]
         );
         // With no input at all, `all` uses kafka.input_partitions.
-        let Plan::Missing { create, .. } = plan(&s, &t, &[None; 9]) else {
+        let Plan::Missing { create, .. } = plan(&s.kafka, &t, &[None; 9]) else {
             panic!()
         };
         assert!(create.iter().take(3).all(|(_, n)| *n == 6));
@@ -394,7 +388,7 @@ mod tests {
     #[test]
     fn co_partitioned_topics_that_disagree_are_a_deployment_error() {
         let s = settings(CreateTopics::Outputs);
-        let t = of(&s);
+        let t = of(&s.kafka.topics, s.state.checkpoints);
         let counts = [
             Some(4),
             Some(4),
@@ -407,7 +401,7 @@ mod tests {
             Some(1),
         ];
         assert!(matches!(
-            plan(&s, &t, &counts),
+            plan(&s.kafka, &t, &counts),
             Plan::NotCopartitioned(found) if found.contains("segstream-changelog=2")
         ));
         let all = [
@@ -421,6 +415,6 @@ mod tests {
             Some(4),
             Some(1),
         ];
-        assert_eq!(plan(&s, &t, &all), Plan::Ready);
+        assert_eq!(plan(&s.kafka, &t, &all), Plan::Ready);
     }
 }

@@ -257,10 +257,11 @@ pub async fn broker(
     let topics: Vec<&str> = Source::ALL.iter().map(|s| settings.topic(*s)).collect();
 
     // A bare consumer: the broker's and librdkafka's limit for these topics.
-    let bare: StreamConsumer = crate::kafka::consumer_config(&settings)
-        .set("group.id", format!("{prefix}-bare"))
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let bare: StreamConsumer =
+        crate::kafka::consumer_config(&settings.kafka, settings.state.checkpoints)
+            .set("group.id", format!("{prefix}-bare"))
+            .set("enable.auto.commit", "false")
+            .create()?;
     bare.subscribe(&topics)?;
     let mut n = 0u64;
     let mut started = None;
@@ -433,7 +434,7 @@ async fn latency_subscriber(
 ) -> anyhow::Result<rdkafka::consumer::StreamConsumer> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let subscriber: StreamConsumer = if floor {
-        crate::kafka::consumer_config(settings)
+        crate::kafka::consumer_config(&settings.kafka, settings.state.checkpoints)
             .set("group.id", format!("{prefix}-floor"))
             .create()?
     } else {
@@ -474,7 +475,7 @@ fn produce_at(
     use rdkafka::producer::FutureRecord;
     let settings = settings.clone();
     tokio::spawn(async move {
-        let producer = crate::kafka::producer(&settings)?;
+        let producer = crate::kafka::producer(&settings.kafka)?;
         let mut g = Generator::new(3, users, 0.0);
         g.set_skew(0);
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
@@ -517,6 +518,8 @@ async fn time_arrivals(
         let payload = m.payload().unwrap_or_default();
         let event_time = if floor {
             settings
+                .kafka
+                .topics
                 .source_of(m.topic())
                 .and_then(|s| decoder.decode(s, payload, Some(now)).ok())
                 .map(|e| e.event_time())
@@ -578,7 +581,7 @@ pub(crate) async fn restore(
         users = engine.users(),
         "Engine filled; writing a full checkpoint."
     );
-    let producer = crate::kafka::producer(&settings)?;
+    let producer = crate::kafka::producer(&settings.kafka)?;
     let owned: BTreeMap<i32, Owned> = (0..partitions)
         .map(|p| {
             (
@@ -593,8 +596,14 @@ pub(crate) async fn restore(
         })
         .collect();
     let started = Instant::now();
-    let snapshot = take(&settings, &mut engine, &owned, &HashMap::new(), 0);
-    let written = write(&settings, &producer, &snapshot).await?;
+    let snapshot = take(
+        settings.state.full_checkpoint_every,
+        &mut engine,
+        &owned,
+        &HashMap::new(),
+        0,
+    );
+    let written = write(&settings.kafka, &producer, &snapshot).await?;
     let checkpoint_seconds = started.elapsed().as_secs_f64();
     drop(engine);
 
@@ -604,8 +613,8 @@ pub(crate) async fn restore(
     // As the pipeline does on an assignment: every partition read at once, installed in turn.
     let reads: Vec<_> = (0..partitions)
         .map(|p| {
-            let s = settings.clone();
-            tokio::task::spawn_blocking(move || restore_partition(&s, p))
+            let kafka = settings.kafka.clone();
+            tokio::task::spawn_blocking(move || restore_partition(&kafka, p))
         })
         .collect();
     for (p, read) in (0..partitions).zip(reads) {

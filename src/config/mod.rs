@@ -15,7 +15,7 @@ mod tests;
 mod validate;
 
 pub use sections::*;
-pub use validate::{ConfigError, Settings};
+pub use validate::{ConfigError, CoreSettings, Settings};
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;

@@ -90,6 +90,20 @@ pub struct TopicsConfig {
 }
 
 impl TopicsConfig {
+    /// Topic name of an input source.
+    pub fn input(&self, source: Source) -> &str {
+        match source {
+            Source::Clickstream => &self.clickstream,
+            Source::Purchases => &self.purchases,
+            Source::Social => &self.social,
+        }
+    }
+
+    /// The input source a topic name belongs to.
+    pub(crate) fn source_of(&self, topic: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|s| self.input(*s) == topic)
+    }
+
     /// Every topic by its key under `kafka.topics`: the inputs, the outputs, then the state
     /// topics. The one list of them; what each is for is `topics.rs`.
     pub fn all(&self) -> [(&'static str, &String); 9] {

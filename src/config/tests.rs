@@ -5,8 +5,11 @@ use std::time::Duration;
 #[test]
 fn defaults_validate() {
     let s = RawConfig::default().validate().unwrap();
-    assert_eq!(s.source_of("purchases"), Some(Source::Purchases));
-    assert_eq!(s.source_of("segment-changes"), None);
+    assert_eq!(
+        s.kafka.topics.source_of("purchases"),
+        Some(Source::Purchases)
+    );
+    assert_eq!(s.kafka.topics.source_of("segment-changes"), None);
 }
 
 #[test]

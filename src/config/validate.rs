@@ -81,20 +81,31 @@ pub struct Settings {
     pub security: crate::security::Security,
 }
 
+/// The sections the pure core reads (features, models, user state, what to publish): the
+/// engine is built from this and never sees brokers, credentials or HTTP.
+#[derive(Clone, Copy, Debug)]
+pub struct CoreSettings<'a> {
+    pub features: &'a FeatureConfig,
+    pub model: &'a ModelConfig,
+    pub state: &'a StateConfig,
+    pub output: &'a OutputConfig,
+}
+
+impl<'a> From<&'a Settings> for CoreSettings<'a> {
+    fn from(s: &'a Settings) -> Self {
+        CoreSettings {
+            features: &s.features,
+            model: &s.model,
+            state: &s.state,
+            output: &s.output,
+        }
+    }
+}
+
 impl Settings {
     /// Topic name of an input source.
     pub fn topic(&self, source: Source) -> &str {
-        let t = &self.kafka.topics;
-        match source {
-            Source::Clickstream => &t.clickstream,
-            Source::Purchases => &t.purchases,
-            Source::Social => &t.social,
-        }
-    }
-
-    /// The input source a topic name belongs to.
-    pub(crate) fn source_of(&self, topic: &str) -> Option<Source> {
-        Source::ALL.into_iter().find(|s| self.topic(*s) == topic)
+        self.kafka.topics.input(source)
     }
 }
 

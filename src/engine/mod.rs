@@ -20,7 +20,7 @@ use models::GlobalState;
 pub use models::{ModelError, Models};
 pub use report::{SegmentFigures, SegmentInfo, UserDump};
 
-use crate::config::{ActionRule, LatePolicy, Settings};
+use crate::config::{ActionRule, CoreSettings, LatePolicy};
 use crate::decode::{Ahead, Decoder, Spare};
 use crate::event::{CatalogueRecord, ChangeReason, Event, SegmentChange, Source, UserId};
 use crate::features::{category_bucket, FeatureParams, UserState, Vector};
@@ -171,9 +171,10 @@ fn eviction_slack(max_users: usize) -> usize {
 }
 
 impl Engine {
-    pub fn new(s: &Settings) -> Self {
-        let f = &s.features;
-        let m = &s.model;
+    /// An untrained engine; takes `&Settings` or just its [`CoreSettings`].
+    pub fn new<'a>(s: impl Into<CoreSettings<'a>>) -> Self {
+        let s = s.into();
+        let (f, m) = (s.features, s.model);
         Self {
             store: Arc::default(),
             params: FeatureParams::new(f.half_lives.map(|d| d.as_millis() as f64), m.seed),

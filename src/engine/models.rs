@@ -6,7 +6,7 @@
 use super::assignment::{user_action, Decision};
 use super::{Counters, Engine, Outlook, Rules, SegmentAction, REFITS};
 use crate::catalogue::Catalogue;
-use crate::config::Settings;
+use crate::config::CoreSettings;
 use crate::features::{
     action_tag_hash, feature_name, group_of, FeatureParams, Group, LabelWindow, UserState, Vector,
     CATEGORY_BUCKETS, DIM, LAYOUT_VERSION,
@@ -69,8 +69,8 @@ pub(super) struct GlobalState {
 
 impl GlobalState {
     /// Untrained models, nothing counted, no sweep or fit yet.
-    pub(super) fn new(s: &Settings) -> Self {
-        let (f, m) = (&s.features, &s.model);
+    pub(super) fn new(s: CoreSettings) -> Self {
+        let (f, m) = (s.features, s.model);
         let mut weights = [0.0; DIM];
         for (i, w) in weights.iter_mut().enumerate() {
             *w = match group_of(i) {
@@ -113,7 +113,11 @@ impl GlobalState {
 
 impl Engine {
     /// An engine that starts from a saved model (warm start): no re-seeding, the same ids.
-    pub(crate) fn with_model(s: &Settings, path: &Path) -> Result<Self, ModelError> {
+    pub(crate) fn with_model<'a>(
+        s: impl Into<CoreSettings<'a>>,
+        path: &Path,
+    ) -> Result<Self, ModelError> {
+        let s = s.into();
         let models: Models = serde_json::from_slice(&std::fs::read(path)?)?;
         let models = checked(models, s.model.k)?;
         let mut e = Self::new(s);

@@ -5,7 +5,7 @@
 use super::outputs::{Output, Sent};
 use super::PipelineError;
 use crate::clock::wall_ms;
-use crate::config::Settings;
+use crate::config::TopicsConfig;
 use crate::event::{ChangeReason, Source};
 use crate::kafka::SegContext;
 use crate::metrics::Metrics;
@@ -46,18 +46,19 @@ impl Committer {
     /// Starts the task; it cancels `failed` when an output cannot be delivered, and publishes
     /// on the returned receiver how many handed-over messages are delivered.
     pub(super) fn start(
-        settings: &Settings,
+        topics: &TopicsConfig,
+        max_in_flight: usize,
         consumer: Arc<StreamConsumer<SegContext>>,
         metrics: Metrics,
         failed: CancellationToken,
         stores: Stores,
     ) -> (Self, watch::Receiver<u64>) {
-        let (tx, rx) = mpsc::channel::<Pending>(settings.pipeline.max_in_flight);
+        let (tx, rx) = mpsc::channel::<Pending>(max_in_flight);
         let (acked_tx, acked) = watch::channel(0u64);
         let task = tokio::spawn(commit_in_order(
             rx,
             consumer,
-            settings.clone(),
+            topics.clone(),
             metrics,
             failed,
             stores,
@@ -102,7 +103,7 @@ impl Committer {
 async fn commit_in_order(
     mut rx: mpsc::Receiver<Pending>,
     consumer: Arc<StreamConsumer<SegContext>>,
-    settings: Settings,
+    topics: TopicsConfig,
     metrics: Metrics,
     failed: CancellationToken,
     stores: Stores,
@@ -119,7 +120,7 @@ async fn commit_in_order(
             return;
         }
         for ((source, partition), offset) in latest.drain() {
-            let topic = settings.topic(source);
+            let topic = topics.input(source);
             if let Err(e) = consumer.store_offset(topic, partition, offset) {
                 // The partition was revoked meanwhile; its new owner re-reads from the last commit.
                 debug!(topic, partition, error = %e, "Offset not stored.");

@@ -9,7 +9,7 @@ use crate::checkpoint::{
     self, model_follower, restore_partition, CheckpointError, EndOfLog, Owned, Snapshot, Written,
 };
 use crate::clock::wall_ms;
-use crate::config::Settings;
+use crate::config::{KafkaConfig, StateConfig};
 use crate::engine::Engine;
 use crate::event::Source;
 use crate::kafka::{RebalanceEvent, SegContext};
@@ -53,7 +53,8 @@ pub(super) enum Due {
 
 /// The clients, channels and handles the checkpoints need.
 pub(super) struct Links<'c> {
-    pub(super) settings: &'c Settings,
+    pub(super) kafka: &'c KafkaConfig,
+    pub(super) state: &'c StateConfig,
     pub(super) consumer: &'c StreamConsumer<SegContext>,
     pub(super) producer: FutureProducer,
     pub(super) metrics: Metrics,
@@ -82,8 +83,8 @@ impl<'c> Durable<'c> {
     /// instance owns partition 0, it applies the trainer's models).
     pub(super) async fn open(links: Links<'c>, engine: &mut Engine) -> Result<Self, PipelineError> {
         // Blocking: it waits for the model topic's metadata.
-        let s = links.settings.clone();
-        let follower = tokio::task::spawn_blocking(move || model_follower(&s))
+        let kafka = links.kafka.clone();
+        let follower = tokio::task::spawn_blocking(move || model_follower(&kafka))
             .await
             .map_err(|e| PipelineError::Checkpoint(CheckpointError::Task(e.to_string())))??;
         let latest_model = latest_models(&follower).await;
@@ -97,7 +98,7 @@ impl<'c> Durable<'c> {
             }
         }
         engine.set_trainer(false);
-        let mut timer = tokio::time::interval(links.settings.state.checkpoint_interval);
+        let mut timer = tokio::time::interval(links.state.checkpoint_interval);
         timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Ok(Self {
             links,
@@ -232,8 +233,9 @@ impl<'c> Durable<'c> {
         }
         let started = Instant::now();
         let l = &self.links;
-        let snapshot = checkpoint::take(l.settings, engine, &self.owned, &self.consumed, wall_ms());
-        let (settings, producer) = (l.settings.clone(), l.producer.clone());
+        let full_every = l.state.full_checkpoint_every;
+        let snapshot = checkpoint::take(full_every, engine, &self.owned, &self.consumed, wall_ms());
+        let (kafka, producer) = (l.kafka.clone(), l.producer.clone());
         let (mut acked, failed) = (l.acked.clone(), l.failed.clone());
         let task = tokio::spawn(async move {
             tokio::select! {
@@ -243,7 +245,7 @@ impl<'c> Durable<'c> {
             if failed.is_cancelled() {
                 return Err(CheckpointError::OutputFailed);
             }
-            let written = checkpoint::write(&settings, &producer, &snapshot).await?;
+            let written = checkpoint::write(&kafka, &producer, &snapshot).await?;
             Ok((written, snapshot))
         });
         Some(InFlight { task, started })
@@ -280,7 +282,7 @@ impl<'c> Durable<'c> {
         debug!(?written, "Checkpoint written.");
         if let Some(models) = &snapshot.models {
             // Fire and forget: the next checkpoint publishes newer models.
-            let published = checkpoint::publish_models(l.settings, &l.producer, models).await?;
+            let published = checkpoint::publish_models(l.kafka, &l.producer, models).await?;
             let metrics = l.metrics.clone();
             tokio::spawn(async move {
                 if !matches!(published.await, Ok(Ok(_))) {
@@ -299,12 +301,12 @@ impl<'c> Durable<'c> {
         let mut tpl = TopicPartitionList::new();
         for (role, p, next) in &snapshot.offsets {
             let topic = if *role == ERASURE_ROLE {
-                l.settings.kafka.topics.erasure.as_str()
+                l.kafka.topics.erasure.as_str()
             } else {
                 Source::ALL
                     .into_iter()
                     .find(|s| s.as_str() == *role)
-                    .map_or("", |s| l.settings.topic(s))
+                    .map_or("", |s| l.kafka.topics.input(s))
             };
             let _ = tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*next));
         }
@@ -391,8 +393,8 @@ impl<'c> Durable<'c> {
         let reads: Vec<_> = partitions
             .iter()
             .map(|&p| {
-                let s = self.links.settings.clone();
-                tokio::task::spawn_blocking(move || restore_partition(&s, p))
+                let kafka = self.links.kafka.clone();
+                tokio::task::spawn_blocking(move || restore_partition(&kafka, p))
             })
             .collect();
         for (&partition, read) in partitions.iter().zip(reads) {

@@ -3,7 +3,7 @@
 //! user's state loads into cache meanwhile). Behind [`Ingest::ready`] and [`Ingest::decode`] the
 //! loop handles every message as if there were no look-ahead: rebalances first, then its checks.
 
-use crate::config::Settings;
+use crate::config::{DecodeConfig, TopicsConfig};
 use crate::decode::{Ahead, DecodeError, Decoder, ScratchPair};
 use crate::engine::Engine;
 use crate::event::{Event, Source};
@@ -20,7 +20,7 @@ const BURST: u32 = 256;
 
 pub(super) struct Ingest<'c> {
     consumer: &'c StreamConsumer<SegContext>,
-    settings: &'c Settings,
+    topics: &'c TopicsConfig,
     decoder: Decoder,
     scratch: ScratchPair,
     /// The message after the current one, taken early, and what decoding it ahead gave.
@@ -30,11 +30,15 @@ pub(super) struct Ingest<'c> {
 }
 
 impl<'c> Ingest<'c> {
-    pub(super) fn new(consumer: &'c StreamConsumer<SegContext>, settings: &'c Settings) -> Self {
+    pub(super) fn new(
+        consumer: &'c StreamConsumer<SegContext>,
+        topics: &'c TopicsConfig,
+        decode: &DecodeConfig,
+    ) -> Self {
         Self {
             consumer,
-            settings,
-            decoder: Decoder::new(settings.decode.clone()),
+            topics,
+            decoder: Decoder::new(decode.clone()),
             scratch: ScratchPair::default(),
             next: None,
             burst: 0,
@@ -65,7 +69,7 @@ impl<'c> Ingest<'c> {
     ) -> Option<Source> {
         match ahead {
             Some(a) => Some(a.source()),
-            None => self.settings.source_of(msg.topic()),
+            None => self.topics.source_of(msg.topic()),
         }
     }
 
@@ -86,7 +90,7 @@ impl<'c> Ingest<'c> {
         if self.burst < BURST {
             self.next = ready_message(self.consumer).map(|msg| {
                 let event = msg.as_ref().ok().and_then(|m| {
-                    let source = self.settings.source_of(m.topic())?;
+                    let source = self.topics.source_of(m.topic())?;
                     Some((source, m.payload().unwrap_or_default()))
                 });
                 let ahead = event.map(|(source, payload)| {

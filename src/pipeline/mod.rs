@@ -25,7 +25,7 @@ pub use outputs::{
 };
 
 use crate::clock::wall_ms;
-use crate::config::Settings;
+use crate::config::{KafkaConfig, Settings, TopicsConfig};
 use crate::decode::{Ahead, DecodeError};
 use crate::engine::{Engine, Outcome};
 use crate::event::{Event, Source};
@@ -96,27 +96,31 @@ pub async fn run_with_api(
     // Unbounded by necessity: librdkafka's rebalance callback must not block. It carries one
     // event per assignment change.
     let (rebalance_tx, rebalances) = mpsc::unbounded_channel();
+    let checkpoints = settings.state.checkpoints;
     let context = SegContext {
         metrics: metrics.clone(),
-        rebalances: settings.state.checkpoints.then_some(rebalance_tx),
+        rebalances: checkpoints.then_some(rebalance_tx),
     };
     let consumer: Arc<StreamConsumer<SegContext>> =
-        Arc::new(consumer_config(settings).create_with_context(context)?);
-    subscribe(settings, &consumer)?;
+        Arc::new(consumer_config(&settings.kafka, checkpoints).create_with_context(context)?);
+    subscribe(&settings.kafka, checkpoints, &consumer)?;
     let mut pipeline = Pipeline::start(settings, engine, metrics, &consumer, rebalances).await?;
     let result = pipeline.drive(&cancel, &mut link).await;
     pipeline.shutdown(result).await
 }
 
 /// Subscribes to the input topics (and, with checkpoints, the erasure topic).
-fn subscribe(settings: &Settings, consumer: &StreamConsumer<SegContext>) -> Result<(), KafkaError> {
-    let checkpoints = settings.state.checkpoints;
-    let mut topics: Vec<&str> = Source::ALL.iter().map(|s| settings.topic(*s)).collect();
+fn subscribe(
+    kafka: &KafkaConfig,
+    checkpoints: bool,
+    consumer: &StreamConsumer<SegContext>,
+) -> Result<(), KafkaError> {
+    let mut topics: Vec<&str> = Source::ALL.iter().map(|s| kafka.topics.input(*s)).collect();
     if checkpoints {
-        topics.push(&settings.kafka.topics.erasure);
+        topics.push(&kafka.topics.erasure);
     }
     consumer.subscribe(&topics)?;
-    info!(topics = ?topics, brokers = %settings.kafka.brokers, checkpoints, "Consuming.");
+    info!(topics = ?topics, brokers = %kafka.brokers, checkpoints, "Consuming.");
     Ok(())
 }
 
@@ -155,7 +159,7 @@ enum Step<'c> {
 }
 
 struct Pipeline<'c> {
-    settings: &'c Settings,
+    topics: &'c TopicsConfig,
     engine: Engine,
     metrics: Metrics,
     ingest: Ingest<'c>,
@@ -176,7 +180,7 @@ impl<'c> Pipeline<'c> {
         consumer: &'c Arc<StreamConsumer<SegContext>>,
         rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
     ) -> Result<Self, PipelineError> {
-        let producer = producer(settings)?;
+        let producer = producer(&settings.kafka)?;
         let failed = CancellationToken::new();
         let checkpoints = settings.state.checkpoints;
         let stores = if checkpoints {
@@ -185,7 +189,8 @@ impl<'c> Pipeline<'c> {
             Stores::Offsets
         };
         let (committer, acked) = Committer::start(
-            settings,
+            &settings.kafka.topics,
+            settings.pipeline.max_in_flight,
             consumer.clone(),
             metrics.clone(),
             failed.clone(),
@@ -193,7 +198,8 @@ impl<'c> Pipeline<'c> {
         );
         let offsets = if checkpoints {
             let links = Links {
-                settings,
+                kafka: &settings.kafka,
+                state: &settings.state,
                 consumer,
                 producer: producer.clone(),
                 metrics: metrics.clone(),
@@ -206,11 +212,11 @@ impl<'c> Pipeline<'c> {
             Offsets::Group
         };
         Ok(Self {
-            settings,
+            topics: &settings.kafka.topics,
             engine,
             metrics,
-            ingest: Ingest::new(consumer, settings),
-            outputs: Outputs::new(settings, producer),
+            ingest: Ingest::new(consumer, &settings.kafka.topics, &settings.decode),
+            outputs: Outputs::new(&settings.kafka, &settings.output, producer),
             committer,
             offsets,
             failed,
@@ -296,7 +302,7 @@ impl<'c> Pipeline<'c> {
         match self.ingest.source(msg, ahead) {
             Some(source) => Some(Input::Event(source)),
             None if matches!(self.offsets, Offsets::Checkpoints(_))
-                && msg.topic() == self.settings.kafka.topics.erasure =>
+                && msg.topic() == self.topics.erasure =>
             {
                 Some(Input::Erasure)
             }

@@ -3,7 +3,7 @@
 //! Adding an output topic is one method here.
 
 use crate::catalogue::CatalogueReason;
-use crate::config::Settings;
+use crate::config::{KafkaConfig, OutputConfig, TopicsConfig};
 use crate::decode::DecodeError;
 use crate::encode::{encode_catalogue, encode_change};
 use crate::event::{CatalogueRecord, ChangeReason, SegmentChange, Source};
@@ -52,19 +52,24 @@ pub(super) type Sent = (DeliveryFuture, Output);
 
 /// The producer and the topics and formats it writes.
 pub(super) struct Outputs<'s> {
-    settings: &'s Settings,
+    topics: &'s TopicsConfig,
+    output: &'s OutputConfig,
     producer: FutureProducer,
     /// librdkafka's limit on one produced message (see [`output_limit`]).
     limit: usize,
 }
 
 impl<'s> Outputs<'s> {
-    pub(super) fn new(settings: &'s Settings, producer: FutureProducer) -> Self {
-        let limit = output_limit(settings);
+    pub(super) fn new(
+        kafka: &'s KafkaConfig,
+        output: &'s OutputConfig,
+        producer: FutureProducer,
+    ) -> Self {
         Self {
-            settings,
+            topics: &kafka.topics,
+            output,
+            limit: output_limit(kafka),
             producer,
-            limit,
         }
     }
 
@@ -74,9 +79,9 @@ impl<'s> Outputs<'s> {
 
     /// Sends a segment change to the output topic, keyed by user id.
     pub(super) async fn change(&self, change: &SegmentChange) -> Result<Sent, KafkaError> {
-        let o = &self.settings.output;
+        let o = self.output;
         let bytes = encode_change(change, o.format, o.schema_id);
-        let record = FutureRecord::to(&self.settings.kafka.topics.segment_changes)
+        let record = FutureRecord::to(&self.topics.segment_changes)
             .key(change.user_id.as_bytes())
             .payload(&bytes[..]);
         let f = send(&self.producer, record).await?;
@@ -85,10 +90,10 @@ impl<'s> Outputs<'s> {
 
     /// Sends a catalogue record to the catalogue topic, keyed by segment id.
     pub(super) async fn catalogue(&self, record: &CatalogueRecord) -> Result<Sent, KafkaError> {
-        let o = &self.settings.output;
+        let o = self.output;
         let bytes = encode_catalogue(record, o.format, o.catalogue_schema_id);
         let key = record.segment_id.to_string();
-        let topic = FutureRecord::to(&self.settings.kafka.topics.segment_catalogue)
+        let topic = FutureRecord::to(&self.topics.segment_catalogue)
             .key(key.as_bytes())
             .payload(&bytes[..]);
         let f = send(&self.producer, topic).await?;
@@ -112,7 +117,7 @@ impl<'s> Outputs<'s> {
     ) -> Result<Sent, KafkaError> {
         let cut = DeadLetterCut::of(msg, self.limit);
         let record = |headers| {
-            let mut record = FutureRecord::to(&self.settings.kafka.topics.dead_letter)
+            let mut record = FutureRecord::to(&self.topics.dead_letter)
                 .payload(cut.value)
                 .headers(headers);
             if let Some(key) = cut.key {
@@ -134,9 +139,8 @@ impl<'s> Outputs<'s> {
 
 /// librdkafka's limit on one produced message, key, value and headers together: the producer's
 /// `message.max.bytes` as configured, else librdkafka's default (1,000,000 bytes).
-fn output_limit(settings: &Settings) -> usize {
+fn output_limit(k: &KafkaConfig) -> usize {
     const LIBRDKAFKA_DEFAULT: usize = 1_000_000;
-    let k = &settings.kafka;
     k.producer_properties
         .get("message.max.bytes")
         .or_else(|| k.properties.get("message.max.bytes"))

@@ -467,7 +467,7 @@ pub fn end_offsets(sent: &[Sent]) -> HashMap<(Source, i32), i64> {
 pub fn restore_all(settings: &Settings, partitions: i32) -> HashMap<String, UserState> {
     let mut out = HashMap::new();
     for p in 0..partitions {
-        let (restored, _) = restore_partition(settings, p).unwrap();
+        let (restored, _) = restore_partition(&settings.kafka, p).unwrap();
         assert!(restored.marker.is_some(), "partition {p} has a checkpoint");
         for (id, state) in restored.users {
             assert!(out.insert(id.as_str().to_owned(), *state).is_none());
